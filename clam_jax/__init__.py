@@ -1,0 +1,1 @@
+"""CLAM: Cross Linear Attentive Memory for video action anticipation, in JAX/Flax."""
