@@ -19,7 +19,7 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
-# Lets Triton prefetch the next step's q, k, v, g while the state update runs.
+# Software-pipelining depth Triton gets for the time loop (its loads do not depend on the state).
 _NUM_STAGES = 2
 
 
@@ -169,12 +169,11 @@ def _gla_bwd(scale, block_v, num_warps, interpret, residuals, cotangents):
 _gla.defvjp(_gla_fwd, _gla_bwd)
 
 
-def _pad_to(x, axis, size):
-  if x.shape[axis] == size:
+def _pad_to(x, shape):
+  """Zero-pads x at the end of each axis to shape."""
+  if x.shape == shape:
     return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
+  return jnp.pad(x, [(0, n - d) for d, n in zip(x.shape, shape)])
 
 
 def gla_recurrent(q, k, v, g, *, scale=None, initial_state=None, return_final_state=False,
@@ -185,23 +184,25 @@ def gla_recurrent(q, k, v, g, *, scale=None, initial_state=None, return_final_st
   q: (B, T, H, DK) or (B, T, M, H, DK); k, g: (B, T, H, DK) (g = log forget gate <= 0);
   v: (B, T, H, DV); initial_state: (B, H, DK, DV) or None (zeros); scale defaults to DK ** -0.5.
   Returns o with q's leading shape and DV last, in v's dtype, and S_T: (B, H, DK, DV) float32 if
-  return_final_state. block_v: DV columns of the state per program (a power of two; capped at DV
-  rounded up to one); num_warps: Triton warps per program; interpret: run in Pallas interpret mode.
+  return_final_state. block_v: DV columns of the state per program (a power of two, capped at
+  DV rounded up to a power of two); num_warps: Triton warps per program; interpret: run in Pallas
+  interpret mode (CPU).
   M, DK and DV are zero-padded to powers of two (Triton's requirement), which leaves S unchanged.
   """
   squeeze = q.ndim == 4
   q = checks.check_gla_args(q, k, v, g, initial_state)
   if block_v < 1 or block_v & (block_v - 1):
     raise ValueError(f"block_v must be a power of two, got {block_v}")
-  b, _, m, h, dk = q.shape
+  b, t, m, h, dk = q.shape
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   mp, dkp, dvp = (pl.next_power_of_2(n) for n in (m, dk, dv))
   block_v = min(block_v, dvp)
   s0 = (jnp.zeros((b, h, dkp, dvp), jnp.float32) if initial_state is None
-        else _pad_to(_pad_to(initial_state.astype(jnp.float32), 2, dkp), 3, dvp))
-  o, s_out = _gla(_pad_to(_pad_to(q, 2, mp), 4, dkp), _pad_to(k, 3, dkp), _pad_to(v, 3, dvp),
-                  _pad_to(g, 3, dkp), s0, float(scale), block_v, num_warps, interpret)
+        else _pad_to(initial_state.astype(jnp.float32), (b, h, dkp, dvp)))
+  o, s_out = _gla(_pad_to(q, (b, t, mp, h, dkp)), _pad_to(k, (b, t, h, dkp)),
+                  _pad_to(v, (b, t, h, dvp)), _pad_to(g, (b, t, h, dkp)), s0, float(scale),
+                  block_v, num_warps, interpret)
   o = o[:, :, :m, :, :dv]
   if squeeze:
     o = o[:, :, 0]

@@ -9,7 +9,8 @@ from pallas import gla, reference
 
 def _inputs(rng, b=2, t=5, m=3, h=2, dk=4, dv=6):
   q_shape = (b, t, h, dk) if m is None else (b, t, m, h, dk)
-  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in (q_shape, (b, t, h, dk), (b, t, h, dv)))
+  shapes = (q_shape, (b, t, h, dk), (b, t, h, dv))
+  q, k, v = (rng.standard_normal(s).astype(np.float32) for s in shapes)
   g = np.log(rng.uniform(0.02, 0.999, (b, t, h, dk))).astype(np.float32)
   s0 = rng.standard_normal((b, h, dk, dv)).astype(np.float32)
   return q, k, v, g, s0

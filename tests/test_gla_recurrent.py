@@ -16,9 +16,10 @@ def _rel_err(x, ref):
 
 
 def _inputs(rng, b, t, m, h, dk, dv, dtype=np.float32, gates=(0.02, 0.999)):
-  """Random q (4-D when m is None), k, v in dtype; log-gates of gates drawn uniformly; float32 s0."""
+  """Random q (4-D when m is None), k, v in dtype; logs of gates drawn uniformly; float32 s0."""
   q_shape = (b, t, h, dk) if m is None else (b, t, m, h, dk)
-  q, k, v = (rng.standard_normal(s).astype(dtype) for s in (q_shape, (b, t, h, dk), (b, t, h, dv)))
+  shapes = (q_shape, (b, t, h, dk), (b, t, h, dv))
+  q, k, v = (rng.standard_normal(s).astype(dtype) for s in shapes)
   g = np.log(rng.uniform(*gates, (b, t, h, dk))).astype(np.float32)
   s0 = rng.standard_normal((b, h, dk, dv)).astype(np.float32)
   return q, k, v, g, s0
@@ -126,8 +127,8 @@ def test_block_v_must_be_a_power_of_two():
     gla_recurrent(q, k, v, g, block_v=24, interpret=True)
 
 
-@pytest.mark.parametrize("m,dk,dv,dtype", [(None, 128, 128, jnp.bfloat16), (16, 128, 128, jnp.float32),
-                                           (3, 5, 6, jnp.float32)])
+@pytest.mark.parametrize("m,dk,dv,dtype", [
+    (None, 128, 128, jnp.bfloat16), (16, 128, 128, jnp.float32), (3, 5, 6, jnp.float32)])
 def test_triton_lowering_for_gpu(m, dk, dv, dtype):
   """Lowers forward and gradient through the Pallas Triton backend for an abstract H100 (not
   compiled: Triton's own compile errors show only on a GPU)."""
@@ -145,7 +146,8 @@ def test_triton_lowering_for_gpu(m, dk, dv, dtype):
 
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                      platform="gpu")
-  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  with jax.sharding.use_abstract_mesh(mesh):
     for fn in (forward, jax.grad(loss, argnums=range(5))):
       try:
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
