@@ -29,9 +29,11 @@ def mean_top_k_recall(scores, labels, k=5, classes=None):
   scores = np.asarray(scores)
   labels = np.asarray(labels)
   if scores.ndim != 2 or labels.shape != scores.shape[:1]:
-    raise ValueError(f"scores must be (N, C) and labels (N,); got {scores.shape} and {labels.shape}")
+    raise ValueError(f"scores must be (N, C) and labels (N,); got {scores.shape} and "
+                     f"{labels.shape}")
   if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
-    raise ValueError(f"labels must lie in [0, {scores.shape[1]}); found [{labels.min()}, {labels.max()}]")
+    raise ValueError(f"labels must lie in [0, {scores.shape[1]}); found "
+                     f"[{labels.min()}, {labels.max()}]")
   label_scores = np.take_along_axis(scores, labels[:, None].astype(np.int64), axis=1)
   hits = (scores > label_scores).sum(axis=1) < k
   present, inverse = np.unique(labels, return_inverse=True)
@@ -52,8 +54,8 @@ def ek100_anticipation_metrics(verb_scores, noun_scores, action_scores, verb_lab
   unseen_mask: (N,) bool, rows of unseen participants; tail_verb_mask / tail_noun_mask: (N,) bool,
   rows whose verb / noun is a tail class (give both or neither). The tail action subset is tail verb
   OR tail noun, as the official evaluator defines it.
-  Returns {"overall/verb", "overall/noun", "overall/action"} plus "unseen/*" when unseen_mask is given
-  and "tail/*" when the tail masks are; values in percent, nan for an empty subset.
+  Returns {"overall/verb", "overall/noun", "overall/action"} plus "unseen/*" when unseen_mask is
+  given and "tail/*" when the tail masks are; values in percent, nan for an empty subset.
   """
   if (tail_verb_mask is None) != (tail_noun_mask is None):
     raise ValueError("give both tail_verb_mask and tail_noun_mask, or neither")
@@ -98,7 +100,8 @@ def load_ek100_subset_masks(annotations_dir, participant_ids, verb_labels, noun_
   (N,) bool each, ready for ek100_anticipation_metrics(**masks).
   """
   unseen = _read_csv_column(
-      os.path.join(annotations_dir, f"EPIC_100_unseen_participant_ids_{split}.csv"), "participant_id")
+      os.path.join(annotations_dir, f"EPIC_100_unseen_participant_ids_{split}.csv"),
+      "participant_id")
   tail_verbs = _read_csv_column(os.path.join(annotations_dir, "EPIC_100_tail_verbs.csv"), "verb")
   tail_nouns = _read_csv_column(os.path.join(annotations_dir, "EPIC_100_tail_nouns.csv"), "noun")
   return {
@@ -116,7 +119,8 @@ def _sorted_hits(y_true, y_score):
   y_true = np.asarray(y_true).astype(bool)
   y_score = np.asarray(y_score, np.float64)
   if y_true.ndim != 1 or y_true.shape != y_score.shape:
-    raise ValueError(f"y_true and y_score must be (N,) each; got {y_true.shape} and {y_score.shape}")
+    raise ValueError(f"y_true and y_score must be (N,) each; got {y_true.shape} and "
+                     f"{y_score.shape}")
   order = np.argsort(-y_score, kind="stable")
   return y_true[order], y_score[order]
 
@@ -160,7 +164,8 @@ def calibrated_average_precision(y_true, y_score):
 def _per_frame_mean(score_fn, scores, targets, ignore_index, background_index):
   scores, targets = np.asarray(scores), np.asarray(targets)
   if scores.ndim != 2 or scores.shape != targets.shape:
-    raise ValueError(f"scores and targets must be (N, C) each; got {scores.shape} and {targets.shape}")
+    raise ValueError(f"scores and targets must be (N, C) each; got {scores.shape} and "
+                     f"{targets.shape}")
   if ignore_index is not None:
     keep = targets[:, ignore_index] != 1
     scores, targets = scores[keep], targets[keep]
@@ -195,10 +200,10 @@ def align_anticipation_scores(future_scores, present_scores):
   """Per-horizon scores aligned with the frame they predict, for one video.
 
   future_scores: (T, H, C), row t = the H predictions made at step t for steps t+1 .. t+H;
-  present_scores: (T, C), the detection scores of each step. Returns (H, T, C) with out[h, t] =
-  future_scores[t - h - 1, h], the prediction made h + 1 steps before t; the first h + 1 steps of the
-  video, which no earlier step predicted at that horizon, take present_scores[t] (MAT/TeSTra fill
-  them with the first window's in-window outputs).
+  present_scores: (T, C), the detection scores of each step. Returns (H, T, C) with
+  out[h, t] = future_scores[t - h - 1, h], the prediction made h + 1 steps before t; the first
+  h + 1 steps of the video, which no earlier step predicted at that horizon, take present_scores[t]
+  (MAT/TeSTra fill them with the first window's in-window outputs).
   """
   future_scores = np.asarray(future_scores)
   present_scores = np.asarray(present_scores)
@@ -252,14 +257,15 @@ def levenshtein(a, b):
 
 
 def edit_distance_at_z(preds, labels):
-  """Ego4D LTA edit distance @ Z: mean over samples of min_k Levenshtein(preds[n, k], labels[n]) / Z.
+  """Ego4D LTA edit distance @ Z: mean over n of min_k Levenshtein(preds[n, k], labels[n]) / Z.
 
   preds: (N, K, Z) int, K candidate sequences per sample (the official lta_metrics takes (N, Z, K));
   labels: (N, Z) int. Returns a float in [0, 1], lower is better.
   """
   preds, labels = np.asarray(preds), np.asarray(labels)
   if preds.ndim != 3 or labels.shape != (preds.shape[0], preds.shape[2]):
-    raise ValueError(f"preds must be (N, K, Z) and labels (N, Z); got {preds.shape} and {labels.shape}")
+    raise ValueError(f"preds must be (N, K, Z) and labels (N, Z); got {preds.shape} and "
+                     f"{labels.shape}")
   n, k, z = preds.shape
   dist = levenshtein(preds.reshape(n * k, z), np.repeat(labels, k, axis=0)).reshape(n, k)
   return float(np.mean(dist.min(axis=1) / z))
@@ -281,5 +287,6 @@ def ego4d_lta_metrics(verb_preds, noun_preds, verb_labels, noun_labels):
   return {
       "verb": edit_distance_at_z(verb_preds, verb_labels),
       "noun": edit_distance_at_z(noun_preds, noun_labels),
-      "action": edit_distance_at_z(verb_preds * nouns + noun_preds, verb_labels * nouns + noun_labels),
+      "action": edit_distance_at_z(verb_preds * nouns + noun_preds,
+                                   verb_labels * nouns + noun_labels),
   }

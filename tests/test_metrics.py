@@ -1,5 +1,6 @@
 """clam_jax.metrics against independent implementations: sklearn AP, brute-force loops, the real
-EK100 validation labels (both action-id spaces of DATA_FORMATS.md section 6), a recursive Levenshtein."""
+EK100 validation labels (both action-id spaces of DATA_FORMATS.md section 6), a recursive
+Levenshtein."""
 
 import csv
 import functools
@@ -52,7 +53,8 @@ def test_calibrated_average_precision_matches_loop():
   y = rng.random(311) < 0.2
   y[0] = True
   score = rng.standard_normal(311)
-  assert metrics.calibrated_average_precision(y, score) == pytest.approx(_calibrated_ap_loop(y, score))
+  assert metrics.calibrated_average_precision(y, score) == pytest.approx(
+      _calibrated_ap_loop(y, score))
   assert metrics.calibrated_average_precision(np.ones(4, bool), score[:4]) == 1.0
 
 
@@ -185,17 +187,19 @@ def test_ek100_subsets_on_real_validation():
   epic, _, _ = _real_validation()
   verbs = np.array([int(row["verb_class"]) for row in epic])
   nouns = np.array([int(row["noun_class"]) for row in epic])
-  masks = metrics.load_ek100_subset_masks(EK100_ANNOTATIONS, [row["participant_id"] for row in epic],
-                                          verbs, nouns)
+  participants = [row["participant_id"] for row in epic]
+  masks = metrics.load_ek100_subset_masks(EK100_ANNOTATIONS, participants, verbs, nouns)
   assert masks["unseen_mask"].sum() == 1065
   assert masks["tail_verb_mask"].sum() == 1760
   assert masks["tail_noun_mask"].sum() == 1900
   assert (masks["tail_verb_mask"] | masks["tail_noun_mask"]).sum() == 3105
   ids = np.array([row["narration_id"] for row in epic])
-  for mask, name in [(masks["unseen_mask"], "unseen_participants"), (masks["tail_verb_mask"], "tail_verbs"),
+  for mask, name in [(masks["unseen_mask"], "unseen_participants"),
+                     (masks["tail_verb_mask"], "tail_verbs"),
                      (masks["tail_noun_mask"], "tail_nouns"),
                      (masks["tail_verb_mask"] | masks["tail_noun_mask"], "tail_actions")]:
-    listed = {row[0] for row in _read_rows(EK100_RULSTM / f"validation_{name}_ids.csv", header=False)}
+    rows = _read_rows(EK100_RULSTM / f"validation_{name}_ids.csv", header=False)
+    listed = {row[0] for row in rows}
     assert set(ids[mask]) == listed, name
 
   rng = np.random.default_rng()
@@ -209,9 +213,11 @@ def test_ek100_subsets_on_real_validation():
   tail_action = masks["tail_verb_mask"] | masks["tail_noun_mask"]
   assert result["tail/action"] == pytest.approx(
       100 * metrics.mean_top_k_recall(action_scores[tail_action], actions[tail_action]))
+  unseen = masks["unseen_mask"]
   assert result["unseen/noun"] == pytest.approx(
-      100 * metrics.mean_top_k_recall(noun_scores[masks["unseen_mask"]], nouns[masks["unseen_mask"]]))
-  assert result["overall/verb"] == pytest.approx(100 * metrics.mean_top_k_recall(verb_scores, verbs))
+      100 * metrics.mean_top_k_recall(noun_scores[unseen], nouns[unseen]))
+  assert result["overall/verb"] == pytest.approx(
+      100 * metrics.mean_top_k_recall(verb_scores, verbs))
 
 
 def test_ek100_metrics_subset_arguments():
@@ -259,10 +265,11 @@ def test_edit_distance_at_z_and_action_pairs():
 
   result = metrics.ego4d_lta_metrics(verb_preds, noun_preds, verb_labels, noun_labels)
   assert result["verb"] == pytest.approx(expected)
-  pair = lambda v, m: [tuple(x) for x in np.stack([v, m], -1)]
-  expected_action = np.mean([min(_levenshtein_recursive(tuple(pair(verb_preds[i, j], noun_preds[i, j])),
-                                                        tuple(pair(verb_labels[i], noun_labels[i])))
-                                 for j in range(k)) / z for i in range(n)])
+  pair = lambda v, m: tuple(zip(v.tolist(), m.tolist()))
+  expected_action = np.mean([
+      min(_levenshtein_recursive(pair(verb_preds[i, j], noun_preds[i, j]),
+                                 pair(verb_labels[i], noun_labels[i])) for j in range(k)) / z
+      for i in range(n)])
   assert result["action"] == pytest.approx(expected_action)
   assert result["action"] >= max(result["verb"], result["noun"])
   with pytest.raises(ValueError, match=r"preds must be \(N, K, Z\)"):
