@@ -1,0 +1,543 @@
+"""Training and evaluation of CLAM: optimizer, losses, the data-parallel step and the loop.
+
+`train_and_evaluate(config, workdir)` trains (resuming from the latest checkpoint if there is one),
+evaluates periodically and writes, under workdir (the flax-examples convention):
+
+    config.json              the run's config (its model fields name what differs on a mismatch)
+    checkpoints/<step>/      Orbax: params, opt_state, grain iterator state (see checkpointing.py);
+                             the latest step and the best by config.eval.best_metric are kept
+    metrics.jsonl            one JSON object per logged step: {"step", "train/loss", ...} or
+                             {"step", "eval/overall/action", ...}
+    events.out.tfevents.*    the same scalars for TensorBoard
+    training_curves.png      losses and evaluation metrics against the step
+
+`evaluate(config, workdir, checkpoint="best")` restores a checkpoint, runs the evaluation split and
+writes workdir/eval/{metrics.json, metrics.md, predictions.npz, per_class_recall.png}.
+
+Data parallelism: a 1-D Mesh over jax.devices(); each batch is sharded on its leading axis, params
+and optimizer state are replicated, and jit inserts the gradient all-reduce. The step never syncs
+with the host: metrics stay on device until a logging step fetches them.
+"""
+
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import optax
+import tensorboardX
+import tqdm
+from absl import app
+from flax.training import train_state
+
+from clam_jax import checkpointing
+from clam_jax import metrics as metrics_lib
+from clam_jax import model as model_lib
+from clam_jax.data import pipeline
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+class ConfigError(ValueError):
+  """A config field has a value this code cannot run with."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and loss
+
+
+def make_optimizer(optimizer_config, steps_per_epoch, total_steps):
+  """AdamW with linear warm-up from 0 and cosine decay to 0, after global-norm gradient clipping.
+
+  optimizer_config: lr, weight_decay, warmup_epochs, clip_norm, b1, b2. Weight decay applies to
+  matrices only (ndim >= 2): biases, norm scales and the SSM's per-channel vectors are not shrunk.
+  Returns (tx, schedule) with schedule(step) -> learning rate.
+  """
+  warmup = int(round(optimizer_config.warmup_epochs * steps_per_epoch))
+  # optax needs a cosine part of at least one step.
+  warmup = max(0, min(warmup, total_steps - 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, optimizer_config.lr, warmup_steps=warmup, decay_steps=total_steps)
+  tx = optax.chain(
+      optax.clip_by_global_norm(optimizer_config.clip_norm),
+      optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2,
+                  weight_decay=optimizer_config.weight_decay,
+                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+  return tx, schedule
+
+
+def cross_entropy(logits, labels, label_smoothing=0.0):
+  """Mean softmax cross-entropy over the entries whose label is >= 0 (0 if there are none).
+
+  logits: (..., C) float; labels: (...) int, -1 = ignore. With label smoothing eps the target is
+  (1 - eps) one-hot + eps uniform; the uniform part is computed as logsumexp - mean(logits), so no
+  (..., C) one-hot is built (C is 3806 for EK100 actions).
+  """
+  logits = logits.astype(jnp.float32)
+  valid = labels >= 0
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  if label_smoothing:
+    uniform = jax.nn.logsumexp(logits, axis=-1) - logits.mean(axis=-1)
+    loss = (1.0 - label_smoothing) * loss + label_smoothing * uniform
+  return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def compute_loss(outputs, batch, loss_config):
+  """The training objective and its parts.
+
+  outputs: the model's {"future": {head: (B, F, C)}, "past": {head: (B, T, C)}};
+  batch: {"future_targets": {head: (B, F)}, "past_targets": {head: (B, T)}} int, -1 = ignore;
+  loss_config: weights {head: float}, past_loss_weight, label_smoothing.
+  loss = sum_h w_h CE(future_h) + past_loss_weight * sum_h w_h CE(past_h).
+  Returns (loss, {"loss", "future/<head>", "past/<head>"}) of scalars.
+  """
+  smoothing = loss_config.label_smoothing
+  parts = {}
+  total = 0.0
+  for head, weight in loss_config.weights.items():
+    parts[f"future/{head}"] = cross_entropy(
+        outputs["future"][head], batch["future_targets"][head], smoothing)
+    parts[f"past/{head}"] = cross_entropy(
+        outputs["past"][head], batch["past_targets"][head], smoothing)
+    total += weight * (parts[f"future/{head}"] + loss_config.past_loss_weight * parts[f"past/{head}"])
+  parts["loss"] = total
+  return total, parts
+
+
+# ---------------------------------------------------------------------------------------------
+# Model state and steps
+
+
+def model_inputs(batch):
+  """The device part of a batch: features, mask and targets (sample_id stays on the host)."""
+  return {key: batch[key] for key in ("features", "mask", "future_targets", "past_targets")}
+
+
+def create_train_state(model, tx, example, rng):
+  """Initialises params from an example batch and wraps them with the optimizer.
+
+  example: a batch (or its jax.ShapeDtypeStruct pytree) with "features" {m: (B, T, F_m)} and
+  "mask" (B, T). Returns a flax TrainState (step 0).
+  """
+  params_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init({"params": params_rng, "dropout": dropout_rng}, example["features"],
+                         example["mask"], train=False)
+  return train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+
+
+def train_step(state, batch, dropout_key, *, loss_config):
+  """One optimizer step on a (global, possibly sharded) batch.
+
+  batch: model_inputs(...) with leading axis B; dropout_key: a base PRNG key, folded with the step so
+  a resumed run draws the same masks. Returns (new state, {"loss", "future/*", "past/*",
+  "grad_norm"} device scalars).
+  """
+  key = jax.random.fold_in(dropout_key, state.step)
+
+  def loss_fn(params):
+    outputs = state.apply_fn({"params": params}, batch["features"], batch["mask"], train=True,
+                             rngs={"dropout": key})
+    return compute_loss(outputs, batch, loss_config)
+
+  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  parts["grad_norm"] = optax.global_norm(grads)
+  return state.apply_gradients(grads=grads), parts
+
+
+def predict_step(params, batch, *, apply_fn):
+  """Class probabilities of the future queries: {head: (B, F, C)} float32."""
+  outputs = apply_fn({"params": params}, batch["features"], batch["mask"], train=False)
+  return {head: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+          for head, logits in outputs["future"].items()}
+
+
+class Parallel:
+  """The device mesh and how arrays are placed on it (batch axis sharded, the rest replicated)."""
+
+  def __init__(self, devices=None):
+    devices = jax.devices() if devices is None else devices
+    self.mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    self.data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  @property
+  def size(self):
+    return self.mesh.size
+
+  def shard_batch(self, batch):
+    """Host numpy batch (leading axis B, B % devices == 0) -> global jax arrays split over devices."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.data, np.asarray(x)), batch)
+
+  def abstract(self, tree):
+    """tree's shapes and dtypes as jax.ShapeDtypeStruct, replicated on the mesh."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def predict(config, params, parallel, split):
+  """Runs the model over a whole split (one pass, no shuffling).
+
+  Returns {"sample_id": (N,) int64, "scores": {head: (N, F, C) float32 probabilities},
+  "labels": {head: (N, F) int32}} with N = every example of the split, in loader order.
+  """
+  model = model_lib.CLAM(config.model)
+  eval_fn = jax.jit(functools.partial(predict_step, apply_fn=model.apply),
+                    in_shardings=(parallel.replicated, parallel.data),
+                    out_shardings=parallel.replicated)
+  batch_size = config.eval.batch_size
+  loader = pipeline.make_loader(_with_batch_size(config.data, batch_size), split, shuffle=False,
+                                num_epochs=1, seed=config.seed)
+  chunks = []
+  for batch in loader:
+    n = len(batch["sample_id"])
+    inputs = _pad_rows(model_inputs(batch), batch_size)
+    scores = eval_fn(params, parallel.shard_batch(inputs))
+    chunks.append((batch["sample_id"], jax.device_get(scores), batch["future_targets"], n))
+  if not chunks:
+    raise ValueError(f"the {split!r} split of data {config.data.name!r} is empty")
+  return {
+      "sample_id": np.concatenate([c[0] for c in chunks]),
+      "scores": {head: np.concatenate([c[1][head][:c[3]] for c in chunks])
+                 for head in config.model.heads},
+      "labels": {head: np.concatenate([c[2][head] for c in chunks]) for head in config.model.heads},
+  }
+
+
+def _with_batch_size(data_config, batch_size):
+  data_config = data_config.copy_and_resolve_references()
+  data_config.batch_size = batch_size
+  return data_config
+
+
+def _pad_rows(tree, size):
+  """Pads every leaf's leading axis to `size` by repeating its last row (a ragged last batch)."""
+  def pad(x):
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+  return jax.tree.map(pad, tree)
+
+
+def compute_metrics(predictions):
+  """Class-mean top-5 recall (x 100) of the first future query, per head (EK100 definition).
+
+  predictions: as returned by `predict`. Rows whose label is -1 for a head are left out of that
+  head. Returns {"overall/<head>": float}.
+  """
+  results = {}
+  for head, scores in predictions["scores"].items():
+    labels = predictions["labels"][head][:, 0]
+    keep = labels >= 0
+    results[f"overall/{head}"] = 100.0 * metrics_lib.mean_top_k_recall(
+        scores[keep, 0], labels[keep], k=5)
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+class MetricWriter:
+  """Scalars to workdir/metrics.jsonl (one object per call) and to TensorBoard event files."""
+
+  def __init__(self, workdir, resume_step):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    # Lines an interrupted run wrote after its last checkpoint would repeat after resuming.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(kept)
+    self.tensorboard = tensorboardX.SummaryWriter(logdir=workdir)
+
+  def write(self, step, scalars):
+    scalars = {name: float(value) for name, value in scalars.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    for name, value in scalars.items():
+      self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self):
+    self.tensorboard.close()
+
+
+def read_metrics(workdir):
+  """The rows of workdir/metrics.jsonl as a list of dicts."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def plot_training_curves(workdir):
+  """Writes workdir/training_curves.png: training losses (left) and evaluation metrics (right)."""
+  rows = read_metrics(workdir)
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, prefix, title in ((left, "train/", "training loss"), (right, "eval/", "evaluation")):
+    names = sorted({k for row in rows for k in row if k.startswith(prefix)})
+    if prefix == "train/":
+      names = [n for n in names if n.startswith(("train/loss", "train/future/", "train/past/"))]
+    for name in names:
+      points = [(row["step"], row[name]) for row in rows if name in row]
+      ax.plot(*zip(*points), marker="." if len(points) < 30 else None,
+              label=name.removeprefix(prefix))
+    ax.set(title=title, xlabel="step")
+    if names:
+      ax.legend(fontsize="small")
+  right.set_ylabel("top-5 recall (%)")
+  fig.tight_layout()
+  path = os.path.join(workdir, "training_curves.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+
+
+def check_config(config):
+  """Raises ConfigError naming the field when config fields disagree with each other."""
+  heads = set(config.model.heads)
+  if set(config.loss.weights) != heads:
+    raise ConfigError(f"loss.weights has heads {sorted(config.loss.weights)} but model.heads has "
+                      f"{sorted(heads)}")
+  devices = jax.device_count()
+  for field, size in (("data.batch_size", config.data.batch_size),
+                      ("eval.batch_size", config.eval.batch_size)):
+    if size % devices:
+      raise ConfigError(f"{field}={size} must be a multiple of the {devices} devices")
+
+
+def _train_loader(config):
+  """The training loader over all epochs, and the number of (full) batches per epoch."""
+  size = len(pipeline.make_source(config.data, "train"))
+  steps_per_epoch = size // config.data.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the {size} training "
+                      f"examples of data {config.data.name!r}")
+  loader = pipeline.make_loader(config.data, "train", shuffle=True,
+                                num_epochs=config.train.num_epochs, seed=config.seed)
+  return loader, steps_per_epoch
+
+
+def _example_inputs(config):
+  """Inputs of batch size 1 shaped like the training data's, to initialise the model."""
+  example = pipeline.make_source(config.data, "train")[0]
+  return jax.tree.map(lambda x: np.asarray(x)[None], {
+      "features": example["features"], "mask": example["mask"]})
+
+
+def _every(epochs, steps_per_epoch):
+  return max(1, int(round(epochs * steps_per_epoch)))
+
+
+def train_and_evaluate(config, workdir):
+  """Trains config's model on its data, evaluating and checkpointing under workdir.
+
+  Resumes from the latest checkpoint in workdir/checkpoints (same step, same next batch). Returns
+  the evaluation metrics of the final step ({"overall/<head>": top-5 recall %}).
+  """
+  check_config(config)
+  parallel = Parallel()
+  model = model_lib.CLAM(config.model)
+  train_loader, steps_per_epoch = _train_loader(config)
+  total_steps = steps_per_epoch * config.train.num_epochs
+  tx, schedule = make_optimizer(config.optimizer, steps_per_epoch, total_steps)
+  init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))
+  init = functools.partial(create_train_state, model, tx, _example_inputs(config))
+  abstract_state = parallel.abstract(jax.eval_shape(init, init_rng))
+
+  os.makedirs(workdir, exist_ok=True)
+  manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
+                                             keep=config.train.keep)
+  train_iter = iter(train_loader)
+  start = manager.latest_step() or 0
+  if start:
+    checkpointing.check_params(manager, start, abstract_state.params, config)
+    state = checkpointing.restore(manager, start, abstract_state, train_iter)
+  else:
+    state = jax.jit(init, out_shardings=parallel.replicated)(init_rng)
+  state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), parallel.replicated))
+  checkpointing.write_config(workdir, config)
+
+  step_fn = jax.jit(functools.partial(train_step, loss_config=config.loss),
+                    in_shardings=(parallel.replicated, parallel.data, parallel.replicated),
+                    out_shardings=(parallel.replicated, parallel.replicated), donate_argnums=0)
+  writer = MetricWriter(workdir, resume_step=start)
+  log_every = config.train.log_every_steps
+  eval_every = _every(config.train.eval_every_epochs, steps_per_epoch)
+  checkpoint_every = _every(config.train.checkpoint_every_epochs, steps_per_epoch)
+  eval_metrics = {}
+  pending, last_log = [], (start, time.perf_counter())
+  try:
+    with tqdm.tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
+      for step in range(start + 1, total_steps + 1):
+        batch = parallel.shard_batch(model_inputs(next(train_iter)))
+        state, step_metrics = step_fn(state, batch, dropout_key)
+        pending.append(step_metrics)
+        bar.update()
+        if step % log_every == 0 or step == total_steps:
+          fetched = jax.device_get(pending)
+          scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+          now = time.perf_counter()
+          scalars["train/lr"] = float(schedule(step - 1))
+          scalars["train/examples_per_sec"] = (
+              (step - last_log[0]) * config.data.batch_size / (now - last_log[1]))
+          writer.write(step, scalars)
+          bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                          ex_s=f"{scalars['train/examples_per_sec']:.0f}")
+          pending, last_log = [], (step, now)
+        evaluate_now = step % eval_every == 0 or step == total_steps
+        paused = time.perf_counter()
+        if evaluate_now:
+          eval_metrics = compute_metrics(
+              predict(config, state.params, parallel, config.eval.split))
+          writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+          plot_training_curves(workdir)
+          bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
+        if evaluate_now or step % checkpoint_every == 0:
+          checkpointing.save(manager, step, state, train_iter,
+                             eval_metrics if evaluate_now else None)
+        # Throughput counts training only.
+        last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return eval_metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of a saved run
+
+
+def evaluate(config, workdir, checkpoint="best"):
+  """Restores a checkpoint of workdir, evaluates it on config.eval.split and writes workdir/eval/.
+
+  checkpoint: "best" (by config.eval.best_metric; the latest if none has metrics), "last", or a
+  step number. Writes eval/metrics.json ({"step", "split", "metrics"}), eval/metrics.md,
+  eval/predictions.npz (sample_id, scores/<head> (N, F, C), labels/<head> (N, F)) and
+  eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
+  Raises FileNotFoundError for a workdir without checkpoints and
+  checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any).
+  """
+  check_config(config)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{directory} does not exist: train first with "
+                            f"`python train.py --config ... --workdir {workdir}`")
+  manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
+                                             read_only=True)
+  if not manager.all_steps():
+    raise FileNotFoundError(f"no checkpoint in {directory}: train first with "
+                            f"`python train.py --config ... --workdir {workdir}`")
+  if checkpoint == "best":
+    step = manager.best_step()
+  elif checkpoint == "last":
+    step = manager.latest_step()
+  elif checkpoint.isdigit() and int(checkpoint) in manager.all_steps():
+    step = int(checkpoint)
+  else:
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: expected 'best', 'last' or one of the "
+                            f"steps in {directory}: {manager.all_steps()}")
+
+  parallel = Parallel()
+  model = model_lib.CLAM(config.model)
+  example = _example_inputs(config)
+  abstract_params = parallel.abstract(jax.eval_shape(
+      lambda: model.init(jax.random.key(0), example["features"], example["mask"], train=False)
+  )["params"])
+  checkpointing.check_params(manager, step, abstract_params, config)
+  params = checkpointing.restore_params(manager, step, abstract_params)
+  manager.close()
+
+  predictions = predict(config, params, parallel, config.eval.split)
+  results = compute_metrics(predictions)
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump({"step": step, "split": config.eval.split, "metrics": results}, f, indent=2)
+  markdown = metrics_table(results, title=f"{config.data.name} {config.eval.split}, step {step}")
+  with open(os.path.join(out, "metrics.md"), "w") as f:
+    f.write(markdown + "\n")
+  np.savez(os.path.join(out, "predictions.npz"), sample_id=predictions["sample_id"],
+           **{f"scores/{h}": s for h, s in predictions["scores"].items()},
+           **{f"labels/{h}": l for h, l in predictions["labels"].items()})
+  plot_per_class_recall(predictions, os.path.join(out, "per_class_recall.png"))
+  return {"step": step, "metrics": results, "markdown": markdown}
+
+
+def metrics_table(results, title):
+  """A markdown table of {"<subset>/<head>": value}: one row per subset, one column per head."""
+  subsets = list(dict.fromkeys(k.split("/")[0] for k in results))
+  heads = list(dict.fromkeys(k.split("/")[1] for k in results))
+  lines = [f"**{title}** (class-mean top-5 recall, %)", "",
+           "| | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+  for subset in subsets:
+    values = [results.get(f"{subset}/{h}") for h in heads]
+    lines.append(f"| {subset} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values)
+                 + " |")
+  return "\n".join(lines)
+
+
+def per_class_recall(scores, labels, k=5):
+  """Top-k recall of every class present in labels: (classes (K,) int, recall (K,) float).
+
+  scores: (N, C); labels: (N,) int >= 0. Same hit rule as metrics.mean_top_k_recall, whose value
+  is recall.mean().
+  """
+  label_scores = np.take_along_axis(scores, labels[:, None], axis=1)
+  hits = (scores > label_scores).sum(axis=1) < k
+  classes, inverse = np.unique(labels, return_inverse=True)
+  return classes, np.bincount(inverse, weights=hits) / np.bincount(inverse)
+
+
+def plot_per_class_recall(predictions, path):
+  """Writes a PNG with, per head, the top-5 recall of every evaluated class, sorted."""
+  heads = list(predictions["scores"])
+  fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.5), squeeze=False)
+  for ax, head in zip(axes[0], heads):
+    labels = predictions["labels"][head][:, 0]
+    keep = labels >= 0
+    _, recall = per_class_recall(predictions["scores"][head][keep, 0], labels[keep])
+    ax.bar(np.arange(len(recall)), 100.0 * np.sort(recall)[::-1], width=1.0)
+    ax.axhline(100.0 * recall.mean(), color="k", linestyle="--", linewidth=1,
+               label=f"mean {100.0 * recall.mean():.1f}")
+    ax.set(title=f"{head}: {len(recall)} classes", xlabel="class (sorted)",
+           ylabel="top-5 recall (%)", ylim=(0, 100))
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+USER_ERRORS = (ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundError)
+
+
+def parse_flags(argv):
+  """absl flag parsing (for app.run's flags_parser) where a misspelt --config.<field> exits with
+  one line naming it (status 2) instead of a traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    message = str(e.args[0]) if e.args else str(e)
+    field = message.split("\n")[0].strip("'\"")
+    hint = message.split("\n", 1)[1].strip() if "\n" in message else ""
+    flag = next((arg.split("=")[0] for arg in argv[1:]
+                 if arg.startswith("--config.") and field in arg.split("=")[0].split(".")), field)
+    sys.exit(f"{os.path.basename(argv[0])}: error: {flag}: no config field '{field}'"
+             + (f" ({hint})" if hint else ""))

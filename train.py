@@ -1,0 +1,41 @@
+"""Trains CLAM on the dataset of a config, evaluating and checkpointing under a workdir.
+
+Usage:
+  python train.py --config configs/demo.py --workdir runs/demo
+  python train.py --config configs/ek100.py --workdir runs/ek100 --config.optimizer.lr=1e-4
+
+--config is a Python file whose get_config() returns an ml_collections ConfigDict (configs/*.py);
+any of its fields can be overridden with --config.<field>=<value>, e.g. --config.data.batch_size=64
+or --config.model.d_model=512. Rerunning with the same --workdir resumes from its latest checkpoint
+(same step, same next batch). The workdir gets: config.json, checkpoints/ (the latest and the best
+by config.eval.best_metric), metrics.jsonl, TensorBoard event files (tensorboard --logdir WORKDIR)
+and training_curves.png. Evaluate afterwards with evaluate.py.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from clam_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py); override its fields with --config.<field>=<value>.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and plots; resumed when it has checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train_lib.USER_ERRORS as e:
+    sys.exit(f"train.py: error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train_lib.parse_flags)
