@@ -23,26 +23,34 @@ def selective_scan(u, delta, A, B, C, D, z=None, h0=None, return_final_state=Fal
   u, delta: (Bt, T, Di) (delta >= 0, already through softplus); A: (Di, N) (negative); B, C: (Bt, T, N);
   D: (Di,); z: (Bt, T, Di) or None (no gate); h0: (Bt, Di, N) or None (zeros).
   Returns y: (Bt, T, Di) in u's dtype, and h_T: (Bt, Di, N) float32 if return_final_state.
-  Materialises every state, (Bt, T, Di, N) float32.
+  Materialises every state, (Bt, T, Di, N) float32, during the forward pass; the backward pass
+  recomputes them rather than keeping them (jax.checkpoint), so a stack of blocks saves per block only
+  the scan's (Bt, T, Di)-sized inputs.
   """
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   u32, delta = f32(u), f32(delta)
-  decay = jnp.exp(delta[..., None] * f32(A))
-  inputs = (delta * u32)[..., None] * f32(B)[:, :, None, :]
-  if h0 is not None:
-    inputs = inputs.at[:, 0].add(decay[:, 0] * f32(h0))
+  h0 = jnp.zeros(u.shape[:1] + A.shape, jnp.float32) if h0 is None else f32(h0)
 
-  def combine(left, right):
-    a_l, b_l = left
-    a_r, b_r = right
-    return a_l * a_r, a_r * b_l + b_r
+  @jax.checkpoint
+  def scan(u32, delta, A, B, C, h0):
+    decay = jnp.exp(delta[..., None] * A)
+    inputs = (delta * u32)[..., None] * B[:, :, None, :]
+    inputs = inputs.at[:, 0].add(decay[:, 0] * h0)
 
-  _, h = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
-  y = jnp.einsum("btdn,btn->btd", h, f32(C), precision="highest") + f32(D) * u32
+    def combine(left, right):
+      a_l, b_l = left
+      a_r, b_r = right
+      return a_l * a_r, a_r * b_l + b_r
+
+    _, h = jax.lax.associative_scan(combine, (decay, inputs), axis=1)
+    return jnp.einsum("btdn,btn->btd", h, C, precision="highest"), h[:, -1]
+
+  y, h_last = scan(u32, delta, f32(A), f32(B), f32(C), h0)
+  y = y + f32(D) * u32
   if z is not None:
     y = y * jax.nn.silu(f32(z))
   y = y.astype(u.dtype)
-  return (y, h[:, -1]) if return_final_state else y
+  return (y, h_last) if return_final_state else y
 
 
 def selective_scan_step(h, u, delta, A, B, C, D, z=None):
