@@ -1,0 +1,123 @@
+"""The synthetic EK100 generator: deterministic files in the real layout that EK100Source reads
+back, the documented grammar, and a recipe cue that only a long memory can use."""
+
+import filecmp
+import json
+import time
+
+import lmdb
+import numpy as np
+import pytest
+
+from clam_jax.data import ek100, synthetic
+
+SMALL = dict(num_videos=7, num_validation_videos=3, episodes_per_video=3, num_recipes=5,
+             steps_per_episode=3, step_variants=3, feature_dim=29, seed=11)
+
+
+def _lmdb_items(path):
+  env = lmdb.open(str(path), readonly=True, lock=False)
+  with env.begin() as txn:
+    items = list(txn.cursor())
+  env.close()
+  return items
+
+
+def _source(root, split, dim=29, obs_seconds=20, fps=2):
+  paths = synthetic.annotation_paths(str(root))
+  return ek100.EK100Source(paths[split], paths["actions"], str(root), {"rgb": dim},
+                           obs_seconds=obs_seconds, fps=fps)
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+  info = synthetic.write_synthetic_ek100(str(tmp_path / "a"), **SMALL)
+  synthetic.write_synthetic_ek100(str(tmp_path / "b"), **SMALL)
+  synthetic.write_synthetic_ek100(str(tmp_path / "c"), **{**SMALL, "seed": 12})
+  files = ["annotations/EPIC_100_train.csv", "annotations/EPIC_100_validation.csv",
+           "annotations/actions.csv", "synthetic.json"]
+  match, mismatch, errors = filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", files, shallow=False)
+  assert match == files and not errors
+  assert _lmdb_items(tmp_path / "a" / "rgb") == _lmdb_items(tmp_path / "b" / "rgb")
+  assert not filecmp.cmp(tmp_path / "a" / files[0], tmp_path / "c" / files[0], shallow=False)
+  assert json.loads((tmp_path / "a" / "synthetic.json").read_text()) == info
+
+  # Reused when asked again with the same params; refused with others or over foreign files.
+  assert synthetic.write_synthetic_ek100(str(tmp_path / "a"), **SMALL) == info
+  with pytest.raises(ValueError, match=r"synthetic\.json: .* holds a synthetic dataset written"):
+    synthetic.write_synthetic_ek100(str(tmp_path / "a"), **{**SMALL, "num_recipes": 6})
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "x").write_text("mine")
+  with pytest.raises(FileExistsError, match="non-empty folder without synthetic.json"):
+    synthetic.write_synthetic_ek100(str(tmp_path / "d"), **SMALL)
+
+
+def test_loader_reads_the_grammar_back(tmp_path):
+  info = synthetic.write_synthetic_ek100(str(tmp_path), **SMALL)
+  steps, variants, recipes = 3, 3, 5
+  verbs = ek100.load_class_names(synthetic.annotation_paths(str(tmp_path))["verb_classes"])
+  nouns = ek100.load_class_names(synthetic.annotation_paths(str(tmp_path))["noun_classes"])
+  assert len(verbs) == steps + 2 and len(nouns) == 1 + steps * variants + recipes
+  for split, videos in (("train", 4), ("validation", 3)):
+    source = _source(tmp_path, split)
+    ann = source.annotations
+    assert len(ann) == info["num_segments"][split] == videos * 3 * (steps + 2)
+    assert len(source) + len(source.dropped_rows) == len(ann)
+    assert set(source.dropped_rows) <= set(np.flatnonzero(ann.start < 1 + 1 / 30))
+    # cue, do0 .. do{M-1}, serve, repeated; nouns of step j among its own variants.
+    np.testing.assert_array_equal(ann.verb, np.tile(np.arange(steps + 2), videos * 3))
+    step_nouns = ann.noun.reshape(-1, steps + 2)[:, 1:-1]
+    assert ((step_nouns - 1) // variants == np.arange(steps)).all()
+    assert (ann.stop > ann.start).all() and (ann.start[1:][ann.video_id[1:] == ann.video_id[:-1]]
+                                             >= ann.stop[:-1][ann.video_id[1:] == ann.video_id[:-1]]).all()
+
+  # Frames are noisy embeddings of the labelled action: nearest class mean recovers the label
+  # (cue frames also carry one of the recipe embeddings: left out).
+  source = _source(tmp_path, "train")
+  examples = [source[i] for i in range(len(source))]
+  feats = np.concatenate([e["features"]["rgb"] for e in examples])
+  labels = np.concatenate([e["past_targets"]["action"] for e in examples])
+  verbs = np.concatenate([e["past_targets"]["verb"] for e in examples])
+  feats, labels = feats[verbs > 0], labels[verbs > 0]
+  classes = np.unique(labels)
+  means = np.stack([feats[labels == c].mean(0) for c in classes])
+  nearest = classes[((feats[:, None] - means[None]) ** 2).sum(-1).argmin(1)]
+  assert np.mean(nearest == labels) > 0.9
+
+
+def _finale_guesses(root):
+  """Finale nouns of validation episodes guessed from the observation window: from the mean
+  features of its recipe cue (nearest train episode), and from the last action alone (the most
+  frequent train finale, as every step sequence is the same)."""
+  cues, finales = {}, {}
+  for split in ("train", "validation"):
+    source = _source(root, split, dim=64, obs_seconds=24)
+    serve = int(source.annotations.verb.max())
+    for i in np.flatnonzero(source.annotations.verb[source.rows] == serve):
+      example = source[i]
+      verbs = example["past_targets"]["verb"]
+      since = np.flatnonzero(verbs == serve)[-1:] + 1 if (verbs == serve).any() else 0
+      cue = np.flatnonzero(verbs == 0)
+      cue = cue[cue >= since]
+      assert len(cue) > 0, "the window must show this episode's cue"
+      cues.setdefault(split, []).append(example["features"]["rgb"][cue].mean(0))
+      finales.setdefault(split, []).append(example["future_targets"]["noun"][0])
+  train_cues, train_finales = np.array(cues["train"]), np.array(finales["train"])
+  val_cues, val_finales = np.array(cues["validation"]), np.array(finales["validation"])
+  nearest = train_finales[((val_cues[:, None] - train_cues[None]) ** 2).sum(-1).argmin(1)]
+  majority = np.bincount(train_finales).argmax()
+  return np.mean(nearest == val_finales), np.mean(majority == val_finales)
+
+
+def test_default_dataset_is_fast_and_the_cue_decides_the_finale(tmp_path):
+  start = time.perf_counter()
+  info = synthetic.write_synthetic_ek100(str(tmp_path))
+  assert time.perf_counter() - start < 15  # about 0.5 s on one core
+  with_cue, without_cue = _finale_guesses(tmp_path)
+  assert with_cue > 0.95 and without_cue < 0.35  # 8 recipes
+  bayes = info["bayes"]
+  dropped = len(_source(tmp_path, "validation", dim=64).dropped_rows) / info["num_segments"]["validation"]
+  # Every kind of target is deterministic given the cue except the item of a step (1 of 2).
+  assert bayes["top5_with_cue"] == pytest.approx(1 - dropped)
+  assert bayes["top1_with_cue"] == pytest.approx((1 - dropped) - 6 / 8 / 2)
+  assert bayes["top1_without_cue"] == pytest.approx(bayes["top1_with_cue"] - 7 / 8 / 8)
+  assert bayes["mean_top5_recall_with_cue"] > bayes["mean_top5_recall_without_cue"] + 0.1
