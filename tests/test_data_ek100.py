@@ -120,9 +120,10 @@ def test_windows_sampling_padding_and_dropped_segments(dataset, layout):
   frames = [82, 90, 97, 105, 112, 120, 127, 135]
   assert full["mask"].all()
   for modality, dim in DIMS.items():
-    assert full["features"][modality].shape == (8, dim) and full["features"][modality].dtype == np.float32
-    np.testing.assert_array_equal(full["features"][modality],
-                                  [features[modality][ek100.frame_key("P01_11", f)] for f in frames])
+    window = full["features"][modality]
+    assert window.shape == (8, dim) and window.dtype == np.float32
+    np.testing.assert_array_equal(
+        window, [features[modality][ek100.frame_key("P01_11", f)] for f in frames])
   assert {h: t.tolist() for h, t in full["future_targets"].items()} == {
       "verb": [3], "noun": [9], "action": [PAIRS.index((3, 9))]}
   assert all(t.dtype == np.int32 for t in full["future_targets"].values())
@@ -178,7 +179,8 @@ def test_missing_keys_look_back_nine_frames_then_fail(dataset, tmp_path_factory)
 
 def test_bad_features_raise_naming_modality_key_and_dims(dataset, tmp_path_factory):
   root, files, features = dataset
-  with pytest.raises(ValueError, match=r"obj features in .*obj.*28 bytes = 7 float32, expected dim 8"):
+  with pytest.raises(ValueError, match=r"obj features in .*obj.*28 bytes = 7 float32, expected "
+                                       r"dim 8"):
     _source(root, files["epic"], files["actions"], modalities={"rgb": 24, "obj": 8})
   with pytest.raises(FileNotFoundError, match=r"flow features: no LMDB at .*flow"):
     _source(root, files["epic"], files["actions"], modalities={"flow": 1024})

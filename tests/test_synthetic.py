@@ -67,8 +67,8 @@ def test_loader_reads_the_grammar_back(tmp_path):
     np.testing.assert_array_equal(ann.verb, np.tile(np.arange(steps + 2), videos * 3))
     step_nouns = ann.noun.reshape(-1, steps + 2)[:, 1:-1]
     assert ((step_nouns - 1) // variants == np.arange(steps)).all()
-    assert (ann.stop > ann.start).all() and (ann.start[1:][ann.video_id[1:] == ann.video_id[:-1]]
-                                             >= ann.stop[:-1][ann.video_id[1:] == ann.video_id[:-1]]).all()
+    same_video = ann.video_id[1:] == ann.video_id[:-1]
+    assert (ann.stop > ann.start).all() and (ann.start[1:] >= ann.stop[:-1])[same_video].all()
 
   # Frames are noisy embeddings of the labelled action: nearest class mean recovers the label
   # (cue frames also carry one of the recipe embeddings: left out).
@@ -115,7 +115,8 @@ def test_default_dataset_is_fast_and_the_cue_decides_the_finale(tmp_path):
   with_cue, without_cue = _finale_guesses(tmp_path)
   assert with_cue > 0.95 and without_cue < 0.35  # 8 recipes
   bayes = info["bayes"]
-  dropped = len(_source(tmp_path, "validation", dim=64).dropped_rows) / info["num_segments"]["validation"]
+  dropped = (len(_source(tmp_path, "validation", dim=64).dropped_rows)
+             / info["num_segments"]["validation"])
   # Every kind of target is deterministic given the cue except the item of a step (1 of 2).
   assert bayes["top5_with_cue"] == pytest.approx(1 - dropped)
   assert bayes["top1_with_cue"] == pytest.approx((1 - dropped) - 6 / 8 / 2)

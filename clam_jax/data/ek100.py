@@ -124,7 +124,8 @@ def load_actions(path):
       line = reader.line_num
       if len(row) != len(header):
         raise ValueError(f"{path}, line {line}: expected {len(header)} fields, found {len(row)}")
-      action, verb, noun = (_field(path, line, c, row[index[c]], int) for c in ("id", "verb", "noun"))
+      action, verb, noun = (_field(path, line, c, row[index[c]], int)
+                            for c in ("id", "verb", "noun"))
       if action != len(actions) or (verb, noun) in actions:
         raise ValueError(f"{path}, line {line}: expected action id {len(actions)} for a new "
                          f"(verb, noun) pair, found id {action} for ({verb}, {noun})")
@@ -141,7 +142,8 @@ def load_class_names(path):
     for row in reader:
       class_id = _field(path, reader.line_num, "id", row[index["id"]], int)
       if class_id != len(keys):
-        raise ValueError(f"{path}, line {reader.line_num}: expected id {len(keys)}, found {class_id}")
+        raise ValueError(f"{path}, line {reader.line_num}: expected id {len(keys)}, found "
+                         f"{class_id}")
       keys.append(row[index["key"]])
   return keys
 
@@ -162,8 +164,8 @@ def _epic_rows(path, reader, header, actions):
     get = lambda column, parse: _field(path, line, column, row[index[column]], parse)
     verb, noun = get("verb_class", int), get("noun_class", int)
     yield (row[index["narration_id"]], row[index["video_id"]], get("start_timestamp", _timestamp),
-           get("stop_timestamp", _timestamp), verb, noun, _action_id(path, line, actions, verb, noun),
-           get("all_noun_classes", _int_list))
+           get("stop_timestamp", _timestamp), verb, noun,
+           _action_id(path, line, actions, verb, noun), get("all_noun_classes", _int_list))
 
 
 def _rulstm_rows(path, reader, first, actions):

@@ -127,7 +127,7 @@ def _write_csv(path, header, rows):
 
 
 def _bayes(kinds, actions, observed, recipes, variants):
-  """Expected action hits of the two Bayes predictors over validation segments (module docstring)."""
+  """Expected action hits of the two Bayes predictors on validation (see the module docstring)."""
   hints = {}
   for name, finale_hit in (("with_cue", lambda k: 1.0),
                            ("without_cue", lambda k: min(k, recipes) / recipes)):
@@ -181,7 +181,8 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
   pairs = sorted(((a[1], a[2]) for a in kinds), key=lambda vn: f"{vn[0]}_{vn[1]}")
   action_id = {vn: i for i, vn in enumerate(pairs)}
   with_id = lambda a: (*a, action_id[a[1], a[2]])  # (kind, verb, noun, action id)
-  cue, step, finale = with_id(cue), [list(map(with_id, v)) for v in step], list(map(with_id, finale))
+  cue, finale = with_id(cue), [with_id(a) for a in finale]
+  step = [[with_id(a) for a in variants] for variants in step]
   embeddings = rng.standard_normal((len(pairs), feature_dim))
   cue_embeddings = rng.standard_normal((num_recipes, feature_dim))
   background = rng.standard_normal(feature_dim)
@@ -194,7 +195,8 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
   num_train = num_videos - num_validation_videos
   rows = {"train": [], "validation": []}
   validation = []  # (kind, action id, observed) per validation segment
-  env = lmdb.open(os.path.join(tmp, MODALITY), map_size=1 << 36)
+  # map_size is only an upper bound: the file grows as written.
+  env = lmdb.open(os.path.join(tmp, MODALITY), map_size=1 << 34)
   with env.begin(write=True) as txn:
     for v in range(num_videos):
       split = "train" if v < num_train else "validation"
@@ -214,8 +216,8 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
   env.close()
 
   header = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
-            "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun",
-            "noun_class", "all_nouns", "all_noun_classes"]
+            "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class",
+            "noun", "noun_class", "all_nouns", "all_noun_classes"]
   for split, split_rows in rows.items():
     _write_csv(paths[split], header, split_rows)
   _write_csv(paths["actions"], ["id", "verb", "noun", "action"],
@@ -231,6 +233,5 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
     json.dump(info, f, indent=2)
   if os.path.isdir(root):
     os.rmdir(root)  # empty (checked above); rename needs the name free
-  os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-  os.rename(tmp, root)
+  os.rename(tmp, root)  # a reader never sees a half-written dataset
   return info
