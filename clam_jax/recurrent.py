@@ -57,6 +57,9 @@ class RecurrentLayer(nn.Module):
     return h.astype(self.dtype)
 
   def step(self, carry, x_t):
-    """carry: `init_recurrent_carry`'s pytree; x_t: (Bt, features). Returns (carry, y_t: (Bt, features))."""
+    """carry: `init_recurrent_carry`'s pytree; x_t: (Bt, features).
+
+    Returns (carry, y_t: (Bt, features)).
+    """
     carry = self._advance(self.cell, carry, x_t)
     return carry, _hidden(self.cell_type, carry).astype(self.dtype)

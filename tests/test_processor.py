@@ -1,4 +1,5 @@
-"""The processor stack: full sequence == streaming steps, masking, causality, fixed-size carry, dtypes."""
+"""The processor stack: full sequence == streaming steps, masking, causality, fixed-size carry,
+dtypes."""
 
 import functools
 

@@ -21,6 +21,9 @@ def _softplus(x):
   return np.logaddexp(0, x)
 
 
+_jit_scan = jax.jit(ssm.selective_scan, static_argnames="return_final_state")
+
+
 def _scan_loop(u, delta, A, B, C, D, z, h0):
   """float64 loop: h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, y_t = (C_t h_t + D u_t) silu(z_t)."""
   u, delta, A, B, C, D, h = (np.asarray(a, np.float64) for a in (u, delta, A, B, C, D, h0))
@@ -64,7 +67,7 @@ def test_selective_scan_matches_steps_and_float64_loop(bt, t, di, n, gated):
   args = _scan_inputs(np.random.default_rng(), bt, t, di, n)
   if not gated:
     args["z"] = None
-  y, h = jax.jit(ssm.selective_scan, static_argnames="return_final_state")(**args, return_final_state=True)
+  y, h = _jit_scan(**args, return_final_state=True)
   y_steps, h_steps = jax.jit(_scan_by_steps)(**args)
   y_ref, h_ref = _scan_loop(**args)
   assert y.shape == (bt, t, di) and y.dtype == jnp.float32
@@ -76,7 +79,7 @@ def test_selective_scan_matches_steps_and_float64_loop(bt, t, di, n, gated):
 def test_selective_scan_default_state_is_zero_and_returns_y_only():
   args = _scan_inputs(np.random.default_rng(), 2, 5, 3, 4)
   h0 = args.pop("h0")
-  y = jax.jit(ssm.selective_scan)(**args)
+  y = _jit_scan(**args)
   y_ref, _ = _scan_loop(**args, h0=np.zeros_like(h0))
   assert _rel_err(y, y_ref) < 1e-5
 
@@ -101,7 +104,7 @@ def test_selective_scan_gradients_match_step_form():
 def test_selective_scan_bfloat16_keeps_float32_state():
   args = _scan_inputs(np.random.default_rng(), 2, 6, 4, 3)
   bf16 = {k: jnp.asarray(v, jnp.bfloat16) if k in ("u", "B", "C", "z") else v for k, v in args.items()}
-  y, h = jax.jit(ssm.selective_scan, static_argnames="return_final_state")(**bf16, return_final_state=True)
+  y, h = _jit_scan(**bf16, return_final_state=True)
   y_ref, h_ref = _scan_loop(**bf16)
   assert y.dtype == jnp.bfloat16 and h.dtype == jnp.float32
   assert _rel_err(h, h_ref) < 1e-5  # the state saw bf16 inputs but accumulated in float32
@@ -115,13 +118,15 @@ def _block_loop(p, x, d_conv, d_state):
   xs, z = np.split(xz, 2, axis=-1)
   t = xs.shape[1]
   padded = np.pad(xs, ((0, 0), (d_conv - 1, 0), (0, 0)))
-  conv = np.stack([np.einsum("bkd,kd->bd", padded[:, s:s + d_conv], p["conv_kernel"]) for s in range(t)], 1)
+  conv = np.stack([np.einsum("bkd,kd->bd", padded[:, s:s + d_conv], p["conv_kernel"])
+                   for s in range(t)], 1)
   u = _silu(conv + p["conv_bias"])
   dbc = u @ p["x_proj"]["kernel"]
   dt_rank = dbc.shape[-1] - 2 * d_state
   dt, B, C = dbc[..., :dt_rank], dbc[..., dt_rank:dt_rank + d_state], dbc[..., dt_rank + d_state:]
   delta = _softplus(dt @ p["dt_proj"]["kernel"] + p["dt_bias"])
-  y, _ = _scan_loop(u, delta, -np.exp(p["A_log"]), B, C, p["D"], z, np.zeros(u.shape[:1] + p["A_log"].shape))
+  h0 = np.zeros(u.shape[:1] + p["A_log"].shape)
+  y, _ = _scan_loop(u, delta, -np.exp(p["A_log"]), B, C, p["D"], z, h0)
   return y @ p["out_proj"]["kernel"]
 
 
