@@ -286,9 +286,9 @@ class EK100Source:
   def _read(self, modality, video_id, frames):
     """(n,) frame numbers >= 1 -> (n, dim) float32."""
     dim = self.modalities[modality]
-    out = np.empty((len(frames), dim), np.float32)
+    keys, values = [], []
     with self._env(modality).begin() as txn:
-      for i, frame in enumerate(frames):
+      for frame in frames:
         for earlier in range(frame, max(frame - LOOKBACK_FRAMES, 1) - 1, -1):
           key = frame_key(video_id, earlier)
           value = txn.get(key.encode())
@@ -299,10 +299,13 @@ class EK100Source:
                          f"'{frame_key(video_id, frame)}' nor any of the {LOOKBACK_FRAMES} frames "
                          f"before it")
         self._check_dim(modality, key, value, dim)
-        out[i] = np.frombuffer(value, np.float32)
-        if not np.isfinite(out[i]).all():
-          raise ValueError(f"EK100 {modality} features: NaN or Inf in key '{key}' of LMDB "
-                           f"{self._lmdb_path(modality)}")
+        keys.append(key)
+        values.append(value)
+    out = np.frombuffer(b"".join(values), np.float32).reshape(len(frames), dim)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+      raise ValueError(f"EK100 {modality} features: NaN or Inf in key '{keys[finite.argmin()]}' of "
+                       f"LMDB {self._lmdb_path(modality)}")
     return out
 
   def _past_targets(self, video_id, times, valid):
