@@ -16,8 +16,8 @@ q's M queries per step are flattened with time into rows (row r of a chunk belon
 so a block of sub_chunk steps is sub_chunk * M rows; Triton's matmuls need >= 16.
 
 Kernels (grids start with batch and head):
-  _states   walks the chunks: h[n], the state at the start of chunk n, (B, H, NC, DK, DV) float32,
-            and S_T. Grid (B, H, DV / block_v).
+  _states   walks the chunks: h[n], the state at the start of chunk n, (B, H, NC, DK, DV), and S_T.
+            Grid (B, H, DV / block_v).
   _output   one program per chunk: o = scale [(q e^b) h[n] + A v], A the gated causal scores.
   _dstates  walks the chunks backwards: dh[n] = dL/d(state at the end of chunk n), and dL/dS_0.
   _dq       one program per chunk: dq.
@@ -99,7 +99,7 @@ def _states_kernel(k_ref, v_ref, b_ref, s0_ref, h_ref, st_ref, *, chunk):
   dtype = k_ref.dtype
 
   def body(n, s):
-    h_ref[n] = s
+    h_ref[n] = s.astype(h_ref.dtype)
     t = pl.ds(n * chunk, chunk)
     b_last = b_ref[n * chunk + chunk - 1, :]
     k = k_ref[t, :].astype(_F32) * jnp.exp(b_last[None, :] - b_ref[t, :])
@@ -112,14 +112,14 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, m, steps)
   """Refs of one chunk: q (C*M, DK), k, b (C, DK), v (C, DV), h (DK, DV); writes o (C*M, DV)."""
   chunk = k_ref.shape[0]
   dtype = q_ref.dtype
-  k, v, b, h = k_ref[...].astype(_F32), v_ref[...], b_ref[...], h_ref[...]
+  k, v, b, h = k_ref[...], v_ref[...], b_ref[...], h_ref[...]
   key = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
 
   def body(i, carry):
     rows, first, b_steps, b_q, r = _query_block(i, b_ref, steps, m)
     q = q_ref[rows, :].astype(_F32)
     o = _mm(q * jnp.exp(b_q), h, dtype, _NN)
-    a = _mm(q * jnp.exp(b_q - r), k * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NT)
+    a = _mm(q * jnp.exp(b_q - r), k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NT)
     a = jnp.where(key <= first, a, 0.0)
     if steps > 1:
       t_q = _row_steps(first, steps, m)
@@ -147,7 +147,7 @@ def _dstates_kernel(q_ref, do_ref, b_ref, dst_ref, dh_ref, ds0_ref, *, scale, m,
 
   def chunk_body(j, dh):
     n = num_chunks - 1 - j
-    dh_ref[n] = dh
+    dh_ref[n] = dh.astype(dh_ref.dtype)
 
     def rows_body(i, acc):
       first = n * chunk + i * steps
@@ -177,10 +177,10 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, b_ref, h_ref, dh_ref, dq_ref, dbq_re
   gradient dbq (C, DK) (see `_gla_bwd`)."""
   chunk = k_ref.shape[0]
   dtype = do_ref.dtype
-  k, v, b, h = k_ref[...].astype(_F32), v_ref[...], b_ref[...], h_ref[...]
+  k, v, b, h = k_ref[...], v_ref[...], b_ref[...], h_ref[...]
   key = lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
   start_state_term = (jnp.exp(b_ref[pl.ds(chunk - 1, 1), :])
-                      * jnp.sum(h * dh_ref[...], axis=1)[None, :])
+                      * jnp.sum(h.astype(_F32) * dh_ref[...].astype(_F32), axis=1)[None, :])
 
   def body(i, carry):
     rows, first, b_steps, b_q, r = _query_block(i, b_ref, steps, m)
@@ -190,7 +190,7 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, b_ref, h_ref, dh_ref, dq_ref, dbq_re
     da = jnp.where(key < t_q, da_all, 0.0)
     dq = jnp.exp(b_q) * _mm(do, h, dtype, _NT)
     dq += jnp.exp(b_q - r) * _mm(jnp.where(key <= first, da, 0.0),
-                                 k * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NN)
+                                 k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NN)
     if steps > 1:
       def inside(u, dq):
         s = first + u
@@ -216,8 +216,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
   key side of the log-gate gradient: dbk from the chunk's queries, dbe from its end state (see
   `_gla_bwd`).
 
-  Query blocks inside J ("near") use r = b at their own first step; those after J ("far") share r =
-  b at J's last step, so the key-side factor is applied once at the end.
+  Query blocks after J ("far") share r = b at J's last step, so their key-side factor is applied
+  once; those inside J ("near") use r = b at their own first step.
   """
   chunk = k_ref.shape[0]
   dtype = q_ref.dtype
@@ -227,11 +227,26 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
   key = first_key + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
   key_col = first_key + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
 
-  dh = dh_ref[...]
-  decay = jnp.exp(b_ref[pl.ds(chunk - 1, 1), :] - b_k)
-  dk_end = decay * _mm(v, dh, dtype, _NT)
-  dv = _mm(k * decay, dh, dtype, _NN)
+  # Query blocks after J, sharing r = b at J's last step.
+  r = b_ref[pl.ds(first_key + block_k - 1, 1), :]
+  k_gate = jnp.exp(r - b_k)
+  k_gated = k * k_gate
 
+  def far(i, carry):
+    acc, dv = carry
+    rows = pl.ds(i * steps * m, steps * m)
+    q_gated = q_ref[rows, :].astype(_F32) * jnp.exp(_rows(b_ref[pl.ds(i * steps, steps), :], m) - r)
+    do = do_ref[rows, :]
+    a = _mm(q_gated, k_gated, dtype, _NT)
+    da = scale * _mm(do, v, dtype, _NT)
+    return acc + _mm(da, q_gated, dtype, _TN), dv + scale * _mm(a, do, dtype, _TN)
+
+  blocks_per_key_block = block_k // steps
+  first_block = pl.program_id(3) * blocks_per_key_block
+  acc, dv = lax.fori_loop(first_block + blocks_per_key_block, chunk // steps, far,
+                          (jnp.zeros_like(k), jnp.zeros(v.shape, _F32)))
+
+  # Query blocks inside J, each with r = b at its own first step.
   def near(i, carry):
     dk, dk_same, dv = carry
     rows, first, b_steps, b_q, r = _query_block(i, b_ref, steps, m)
@@ -258,31 +273,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
       a, dk = lax.fori_loop(1, steps, inside, (a, dk))
     return dk, dk_same, dv + scale * _mm(a, do, dtype, _TN)
 
-  blocks_per_key_block = block_k // steps
-  first_block = pl.program_id(3) * blocks_per_key_block
-  zeros = jnp.zeros_like(k)
   dk, dk_same, dv = lax.fori_loop(first_block, first_block + blocks_per_key_block, near,
-                                  (zeros, zeros, dv))
-
-  r = b_ref[pl.ds(first_key + block_k - 1, 1), :]
-  k_gate = jnp.exp(r - b_k)
-  k_gated = k * k_gate
-
-  def far(i, carry):
-    acc, dv = carry
-    rows = pl.ds(i * steps * m, steps * m)
-    q_gated = q_ref[rows, :].astype(_F32) * jnp.exp(_rows(b_ref[pl.ds(i * steps, steps), :], m) - r)
-    do = do_ref[rows, :]
-    a = _mm(q_gated, k_gated, dtype, _NT)
-    da = scale * _mm(do, v, dtype, _NT)
-    return acc + _mm(da, q_gated, dtype, _TN), dv + scale * _mm(a, do, dtype, _TN)
-
-  acc, dv = lax.fori_loop(first_block + blocks_per_key_block, chunk // steps, far, (zeros, dv))
-  dk += k_gate * acc
+                                  (k_gate * acc, jnp.zeros_like(k), dv))
   dbk_ref[...] = k * dk
+
+  # Through the state at the chunk's end.
+  dh = dh_ref[...]
+  decay = jnp.exp(b_ref[pl.ds(chunk - 1, 1), :] - b_k)
+  dk_end = decay * _mm(v, dh, dtype, _NT)
   dbe_ref[...] = k * dk_end
   dk_ref[...] = dk + dk_same + dk_end
-  dv_ref[...] = dv
+  dv_ref[...] = dv + _mm(k * decay, dh, dtype, _NN)
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
@@ -319,7 +320,7 @@ def _states(k, v, b, s0, cfg):
       functools.partial(_states_kernel, chunk=cfg.chunk), cfg, (bsz, nh, dv // bv),
       [_time_spec(tp, dk), _time_spec(tp, bv, True), _time_spec(tp, dk), state_spec],
       [pl.BlockSpec((None, None, nc, dk, bv), lambda b, h, j: (b, h, 0, 0, j)), state_spec],
-      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), _F32), jax.ShapeDtypeStruct(s0.shape, _F32)],
+      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), k.dtype), jax.ShapeDtypeStruct(s0.shape, _F32)],
       "gla_chunked_states")(k, v, b, s0)
 
 
@@ -342,12 +343,15 @@ def _dstates(q, do, b, ds_t, cfg):
   dv = do.shape[-1]
   nc, bv, rows = tp // cfg.chunk, cfg.block_v, tp * cfg.m
   state_spec = pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j))
-  kernel = functools.partial(_dstates_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.steps)
+  # Nothing causal here, so the row blocks can be larger than the query blocks: 64 rows (or one
+  # step if M > 64), for fuller matmuls.
+  steps = min(cfg.chunk, max(cfg.steps, 64 // cfg.m))
+  kernel = functools.partial(_dstates_kernel, scale=cfg.scale, m=cfg.m, steps=steps)
   return _call(
       kernel, cfg, (bsz, nh, dv // bv),
       [_time_spec(rows, dk), _time_spec(rows, bv, True), _time_spec(tp, dk), state_spec],
       [pl.BlockSpec((None, None, nc, dk, bv), lambda b, h, j: (b, h, 0, 0, j)), state_spec],
-      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), _F32), jax.ShapeDtypeStruct(ds_t.shape, _F32)],
+      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), q.dtype), jax.ShapeDtypeStruct(ds_t.shape, _F32)],
       "gla_chunked_dstates")(q, do, b, ds_t)
 
 
@@ -455,8 +459,9 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   mode (CPU).
   T is zero-padded to a multiple of chunk_size and M, DK, DV to powers of two (DK, DV >= 16), which
   leaves S unchanged. Matmuls run in the inputs' dtype (bfloat16, or float32 at TF32 on GPU) with
-  float32 accumulation; states are float32. The backward saves the chunk-start states,
-  (B, H, T / chunk_size, DK, DV) float32.
+  float32 accumulation. States are carried in float32; the chunk-boundary states and their
+  gradients that the backward keeps, (B, H, T / chunk_size, DK, DV) each, are stored in the
+  inputs' dtype, to which the matmuls they enter round them anyway.
   """
   squeeze = q.ndim == 4
   q = checks.check_gla_args(q, k, v, g, initial_state)
