@@ -25,6 +25,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "'best' (by config.eval.best_metric), 'last', or a step number.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Orbax and grain log every checkpoint step at INFO; --verbosity=0 brings them back.
+flags.FLAGS.set_default("verbosity", -1)
 
 
 def main(argv):

@@ -26,6 +26,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and plots; resumed when it has checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Orbax and grain log every checkpoint step at INFO; --verbosity=0 brings them back.
+flags.FLAGS.set_default("verbosity", -1)
 
 
 def main(argv):

@@ -14,7 +14,6 @@ import os
 
 import grain
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -25,14 +24,17 @@ class CheckpointMismatchError(ValueError):
   """The checkpoints in a workdir do not fit the model the config describes."""
 
 
-def checkpoint_manager(workdir, *, best_metric, keep=1, read_only=False):
+def checkpoint_manager(workdir, *, best_metric, best_mode="max", keep=1, read_only=False):
   """The run's CheckpointManager over workdir/checkpoints.
 
-  best_metric: key of the metrics dict given to `save` (higher is better) that ranks checkpoints;
-  keep: how many best checkpoints survive besides the latest one. read_only: for evaluation (creates
-  and deletes nothing).
+  best_metric: key of the metrics dict given to `save` that ranks checkpoints; best_mode: "max"
+  (higher is better) or "min"; keep: how many best checkpoints survive besides the latest one.
+  read_only: for evaluation (creates and deletes nothing).
   """
-  best_fn = lambda metrics: metrics[best_metric]
+  if best_mode not in ("max", "min"):
+    raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
+  sign = 1.0 if best_mode == "max" else -1.0
+  best_fn = lambda metrics: sign * metrics[best_metric]
   options = ocp.CheckpointManagerOptions(
       best_fn=best_fn, best_mode="max", read_only=read_only, create=not read_only,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy([
@@ -126,7 +128,7 @@ def config_differences(workdir, config, section="model"):
     return []
   with open(path) as f:
     saved = _flatten(json.load(f).get(section, {}))
-  current = _flatten(json.loads(ml_collections.ConfigDict(config[section]).to_json_best_effort()))
+  current = _flatten(json.loads(config[section].to_json_best_effort()))
   return [f"{section}.{key}: {saved.get(key, 'absent')} -> {current.get(key, 'absent')}"
           for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
 

@@ -186,61 +186,57 @@ class Parallel:
 
 
 def predict(config, params, parallel, split):
-  """Runs the model over a whole split (one pass, no shuffling).
+  """Scores of every annotated segment of a split, in annotation-row order.
 
-  Returns {"sample_id": (N,) int64, "scores": {head: (N, F, C) float32 probabilities},
-  "labels": {head: (N, F) int32}} with N = every example of the split, in loader order.
+  Segments the source dropped (no observed frame before tau_a) get no prediction: their row scores
+  0 everywhere and -1 on the label, a miss whatever the tie rule, as the official evaluator counts
+  them. Returns {"row": (R,) int64 annotation rows 0..R-1, "observed": (R,) bool,
+  "participant": (R,) str, "scores": {head: (R, C) float32}, "labels": {head: (R,) int32}}; the
+  scores are the softmax of the first future query (the anticipated action).
   """
   model = model_lib.CLAM(config.model)
   eval_fn = jax.jit(functools.partial(predict_step, apply_fn=model.apply),
                     in_shardings=(parallel.replicated, parallel.data),
                     out_shardings=parallel.replicated)
-  batch_size = config.eval.batch_size
-  loader = pipeline.make_loader(_with_batch_size(config.data, batch_size), split, shuffle=False,
-                                num_epochs=1, seed=config.seed)
-  chunks = []
+  source = pipeline.make_source(config.data, split)
+  loader = pipeline.make_loader(config.data, split, shuffle=False, num_epochs=1,
+                                batch_size=config.eval.batch_size)
+  ann = source.annotations
+  num_rows = len(ann)
+  scores = {head: np.zeros((num_rows, size), np.float32)
+            for head, size in config.model.heads.items()}
+  observed = np.zeros(num_rows, bool)
   for batch in loader:
-    n = len(batch["sample_id"])
-    inputs = _pad_rows(model_inputs(batch), batch_size)
-    scores = eval_fn(params, parallel.shard_batch(inputs))
-    chunks.append((batch["sample_id"], jax.device_get(scores), batch["future_targets"], n))
-  if not chunks:
-    raise ValueError(f"the {split!r} split of data {config.data.name!r} is empty")
-  return {
-      "sample_id": np.concatenate([c[0] for c in chunks]),
-      "scores": {head: np.concatenate([c[1][head][:c[3]] for c in chunks])
-                 for head in config.model.heads},
-      "labels": {head: np.concatenate([c[2][head] for c in chunks]) for head in config.model.heads},
-  }
+    real = batch["sample_id"] >= 0  # the pipeline pads the last batch with sample_id -1
+    rows = source.rows[batch["sample_id"][real]]
+    probabilities = jax.device_get(eval_fn(params, parallel.shard_batch(model_inputs(batch))))
+    for head in scores:
+      scores[head][rows] = probabilities[head][real, 0]
+    observed[rows] = True
+  labels = {head: np.asarray(getattr(ann, head), np.int32) for head in scores}
+  dropped = np.flatnonzero(~observed)
+  for head in scores:
+    scores[head][dropped, labels[head][dropped]] = -1.0
+  
+  return {"row": np.arange(num_rows), "observed": observed,
+          "participant": np.array([video.split("_")[0] for video in ann.video_id]),
+          "scores": scores, "labels": labels}
 
 
-def _with_batch_size(data_config, batch_size):
-  data_config = data_config.copy_and_resolve_references()
-  data_config.batch_size = batch_size
-  return data_config
+def compute_metrics(config, predictions):
+  """EK100 anticipation metrics of `predict`'s output: class-mean top-5 recall x 100.
 
-
-def _pad_rows(tree, size):
-  """Pads every leaf's leading axis to `size` by repeating its last row (a ragged last batch)."""
-  def pad(x):
-    x = np.asarray(x)
-    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
-  return jax.tree.map(pad, tree)
-
-
-def compute_metrics(predictions):
-  """Class-mean top-5 recall (x 100) of the first future query, per head (EK100 definition).
-
-  predictions: as returned by `predict`. Rows whose label is -1 for a head are left out of that
-  head. Returns {"overall/<head>": float}.
+  Returns {"overall/<head>"} and, when config.eval.subsets_dir names the folder of the official
+  EPIC_100_unseen_participant_ids_*/tail_* files, {"unseen/<head>", "tail/<head>"} too.
   """
-  results = {}
-  for head, scores in predictions["scores"].items():
-    labels = predictions["labels"][head][:, 0]
-    keep = labels >= 0
-    results[f"overall/{head}"] = 100.0 * metrics_lib.mean_top_k_recall(
-        scores[keep, 0], labels[keep], k=5)
-  return results
+  masks = {}
+  if config.eval.subsets_dir:
+    masks = metrics_lib.load_ek100_subset_masks(
+        config.eval.subsets_dir, predictions["participant"], predictions["labels"]["verb"],
+        predictions["labels"]["noun"], split=config.eval.split)
+  return metrics_lib.ek100_anticipation_metrics(
+      *(predictions["scores"][h] for h in ("verb", "noun", "action")),
+      *(predictions["labels"][h] for h in ("verb", "noun", "action")), **masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +301,25 @@ def plot_training_curves(workdir):
 # Training loop
 
 
+SUPPORTED_DATA = ("ek100", "synthetic")
+
+
 def check_config(config):
   """Raises ConfigError naming the field when config fields disagree with each other."""
+  try:
+    model_lib.check_config(config.model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.data.name not in SUPPORTED_DATA:
+    raise ConfigError(f"data.name={config.data.name!r}: the training pipeline "
+                      f"(clam_jax/data/pipeline.py) reads {SUPPORTED_DATA}")
+  if dict(config.data.modalities) != dict(config.model.modalities):
+    raise ConfigError(f"data.modalities {dict(config.data.modalities)} and model.modalities "
+                      f"{dict(config.model.modalities)} must be the same {{name: feature dim}}")
   heads = set(config.model.heads)
+  if heads != {"verb", "noun", "action"}:
+    raise ConfigError(f"model.heads must be verb, noun and action for {config.data.name}; found "
+                      f"{sorted(heads)}")
   if set(config.loss.weights) != heads:
     raise ConfigError(f"loss.weights has heads {sorted(config.loss.weights)} but model.heads has "
                       f"{sorted(heads)}")
@@ -318,23 +330,21 @@ def check_config(config):
       raise ConfigError(f"{field}={size} must be a multiple of the {devices} devices")
 
 
-def _train_loader(config):
-  """The training loader over all epochs, and the number of (full) batches per epoch."""
-  size = len(pipeline.make_source(config.data, "train"))
-  steps_per_epoch = size // config.data.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the {size} training "
-                      f"examples of data {config.data.name!r}")
-  loader = pipeline.make_loader(config.data, "train", shuffle=True,
-                                num_epochs=config.train.num_epochs, seed=config.seed)
-  return loader, steps_per_epoch
+def prepare_data_config(config, workdir):
+  """Points a synthetic dataset without data.root at workdir/data (generated there if absent)."""
+  if config.data.name == "synthetic" and not config.data.root:
+    config.data.root = os.path.join(workdir, "data")
+  sizes = pipeline.head_sizes(config.data)
+  if dict(config.model.heads) != sizes:
+    raise ConfigError(f"model.heads {dict(config.model.heads)} do not match the class counts of "
+                      f"data {config.data.name!r}: {sizes}")
 
 
-def _example_inputs(config):
-  """Inputs of batch size 1 shaped like the training data's, to initialise the model."""
-  example = pipeline.make_source(config.data, "train")[0]
-  return jax.tree.map(lambda x: np.asarray(x)[None], {
-      "features": example["features"], "mask": example["mask"]})
+def example_inputs(source):
+  """Inputs of batch size 1 shaped like source's examples, to initialise the model."""
+  example = source[0]
+  return jax.tree.map(lambda x: np.asarray(x)[None],
+                      {"features": example["features"], "mask": example["mask"]})
 
 
 def _every(epochs, steps_per_epoch):
@@ -350,16 +360,26 @@ def train_and_evaluate(config, workdir):
   check_config(config)
   parallel = Parallel()
   model = model_lib.CLAM(config.model)
-  train_loader, steps_per_epoch = _train_loader(config)
-  total_steps = steps_per_epoch * config.train.num_epochs
+  prepare_data_config(config, workdir)
+  source = pipeline.make_source(config.data, "train")
+  # Batches run across epoch boundaries (the pipeline repeats, then batches).
+  steps_per_epoch = len(source) / config.data.batch_size
+  total_steps = int(len(source) * config.train.num_epochs // config.data.batch_size)
+  if total_steps < 1:
+    raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the "
+                      f"{len(source) * config.train.num_epochs} training examples of "
+                      f"{config.train.num_epochs} epochs of data {config.data.name!r}")
+  train_loader = pipeline.make_loader(config.data, "train", shuffle=True,
+                                      num_epochs=config.train.num_epochs)
   tx, schedule = make_optimizer(config.optimizer, steps_per_epoch, total_steps)
   init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))
-  init = functools.partial(create_train_state, model, tx, _example_inputs(config))
+  init = functools.partial(create_train_state, model, tx, example_inputs(source))
   abstract_state = parallel.abstract(jax.eval_shape(init, init_rng))
 
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
-                                             keep=config.train.keep)
+  manager = checkpointing.checkpoint_manager(
+      workdir, best_metric=config.eval.best_metric, best_mode=config.eval.best_mode,
+      keep=config.train.keep)
   train_iter = iter(train_loader)
   start = manager.latest_step() or 0
   if start:
@@ -401,7 +421,7 @@ def train_and_evaluate(config, workdir):
         paused = time.perf_counter()
         if evaluate_now:
           eval_metrics = compute_metrics(
-              predict(config, state.params, parallel, config.eval.split))
+              config, predict(config, state.params, parallel, config.eval.split))
           writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           plot_training_curves(workdir)
           bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
@@ -426,7 +446,8 @@ def evaluate(config, workdir, checkpoint="best"):
 
   checkpoint: "best" (by config.eval.best_metric; the latest if none has metrics), "last", or a
   step number. Writes eval/metrics.json ({"step", "split", "metrics"}), eval/metrics.md,
-  eval/predictions.npz (sample_id, scores/<head> (N, F, C), labels/<head> (N, F)) and
+  eval/predictions.npz (predict's arrays: row, observed, participant, scores/<head> (R, C),
+  labels/<head> (R,)) and
   eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
   Raises FileNotFoundError for a workdir without checkpoints and
   checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any).
@@ -436,8 +457,9 @@ def evaluate(config, workdir, checkpoint="best"):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory} does not exist: train first with "
                             f"`python train.py --config ... --workdir {workdir}`")
-  manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
-                                             read_only=True)
+  manager = checkpointing.checkpoint_manager(
+      workdir, best_metric=config.eval.best_metric, best_mode=config.eval.best_mode,
+      read_only=True)
   if not manager.all_steps():
     raise FileNotFoundError(f"no checkpoint in {directory}: train first with "
                             f"`python train.py --config ... --workdir {workdir}`")
@@ -451,9 +473,10 @@ def evaluate(config, workdir, checkpoint="best"):
     raise FileNotFoundError(f"--checkpoint={checkpoint}: expected 'best', 'last' or one of the "
                             f"steps in {directory}: {manager.all_steps()}")
 
+  prepare_data_config(config, workdir)
   parallel = Parallel()
   model = model_lib.CLAM(config.model)
-  example = _example_inputs(config)
+  example = example_inputs(pipeline.make_source(config.data, config.eval.split))
   abstract_params = parallel.abstract(jax.eval_shape(
       lambda: model.init(jax.random.key(0), example["features"], example["mask"], train=False)
   )["params"])
@@ -462,7 +485,7 @@ def evaluate(config, workdir, checkpoint="best"):
   manager.close()
 
   predictions = predict(config, params, parallel, config.eval.split)
-  results = compute_metrics(predictions)
+  results = compute_metrics(config, predictions)
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -470,9 +493,10 @@ def evaluate(config, workdir, checkpoint="best"):
   markdown = metrics_table(results, title=f"{config.data.name} {config.eval.split}, step {step}")
   with open(os.path.join(out, "metrics.md"), "w") as f:
     f.write(markdown + "\n")
-  np.savez(os.path.join(out, "predictions.npz"), sample_id=predictions["sample_id"],
-           **{f"scores/{h}": s for h, s in predictions["scores"].items()},
-           **{f"labels/{h}": l for h, l in predictions["labels"].items()})
+  np.savez(os.path.join(out, "predictions.npz"),
+           **{k: v for k, v in predictions.items() if k not in ("scores", "labels")},
+           **{f"scores/{h}": v for h, v in predictions["scores"].items()},
+           **{f"labels/{h}": v for h, v in predictions["labels"].items()})
   plot_per_class_recall(predictions, os.path.join(out, "per_class_recall.png"))
   return {"step": step, "metrics": results, "markdown": markdown}
 
@@ -504,12 +528,10 @@ def per_class_recall(scores, labels, k=5):
 
 def plot_per_class_recall(predictions, path):
   """Writes a PNG with, per head, the top-5 recall of every evaluated class, sorted."""
-  heads = list(predictions["scores"])
+  heads = [h for h in ("verb", "noun", "action") if h in predictions["scores"]]
   fig, axes = plt.subplots(1, len(heads), figsize=(4.5 * len(heads), 3.5), squeeze=False)
   for ax, head in zip(axes[0], heads):
-    labels = predictions["labels"][head][:, 0]
-    keep = labels >= 0
-    _, recall = per_class_recall(predictions["scores"][head][keep, 0], labels[keep])
+    _, recall = per_class_recall(predictions["scores"][head], predictions["labels"][head])
     ax.bar(np.arange(len(recall)), 100.0 * np.sort(recall)[::-1], width=1.0)
     ax.axhline(100.0 * recall.mean(), color="k", linestyle="--", linewidth=1,
                label=f"mean {100.0 * recall.mean():.1f}")

@@ -4,8 +4,11 @@ Seed hyper-parameters (CLAM supplement): AdamW, 50 epochs, lr 5e-4, batch 256, 3
 D = 1024, 4 processor layers. Choices (marked in DESIGN.md, overridable from the command line):
 - the observation is sampled at 4 fps (128 frames, one every 0.25 s, RULSTM's step), so the last
   N = 16 act-tokens cover the final 4 s and the memory carries the 28 s before them;
-- TSN RGB features (RULSTM LMDB, 1024-d); add flow / obj by extending model.modalities (and the
-  data layout's modality list);
+- TSN RGB features (RULSTM LMDB, 1024-d); for flow / obj add the same {name: dim} entry to both
+  model.modalities and data.modalities;
+- the paths below are relative to the working directory: data/ek100/annotations holds the
+  epic-kitchens-100-annotations CSVs plus RULSTM's actions.csv; EPIC_100_train.csv may be replaced
+  by RULSTM's training.csv (--config.data.annotations.train=...);
 - 5 warm-up epochs then cosine decay to 0, weight decay 0.05 on matrices, global-norm clipping at 1
   (QueryMamba, same authors, clips at 1 and warms up for 5 epochs);
 - past (observed-frame) loss weight 1, no label smoothing.
@@ -46,16 +49,23 @@ def get_config():
       heads={"verb": 97, "noun": 300, "action": 3806},
   ))
 
+  annotations = "data/ek100/annotations"  # epic-kitchens-100-annotations + RULSTM actions.csv
   config.data = ml_collections.ConfigDict(dict(
       name="ek100",
-      features_root="data/ek100/features",
-      annotations_root="data/ek100/annotations",
-      modalities=("rgb",),
+      root="data/ek100/rulstm_features",  # <root>/rgb/data.mdb (RULSTM TSN LMDBs)
+      annotations=dict(
+          train=f"{annotations}/EPIC_100_train.csv",  # or RULSTM's training.csv
+          validation=f"{annotations}/EPIC_100_validation.csv",
+          actions=f"{annotations}/actions.csv",
+          verb_classes=f"{annotations}/EPIC_100_verb_classes.csv",
+          noun_classes=f"{annotations}/EPIC_100_noun_classes.csv"),
+      modalities={"rgb": 1024},
       obs_seconds=32.0,
       fps=4.0,
       anticipation_seconds=1.0,
       batch_size=256,
       num_workers=8,
+      seed=0,
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -67,5 +77,6 @@ def get_config():
       num_epochs=50, log_every_steps=50, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
       keep=1))
   config.eval = ml_collections.ConfigDict(dict(
-      split="validation", batch_size=256, best_metric="overall/action"))
+      split="validation", batch_size=256, best_metric="overall/action", best_mode="max",
+      subsets_dir=annotations))  # EPIC_100_unseen_participant_ids_*, EPIC_100_tail_*
   return config
