@@ -25,9 +25,11 @@ def _inputs(rng, b, t, m, h, dk, dv, dtype=np.float32, gates=(0.02, 0.999)):
   return q, k, v, g, s0
 
 
-def _kernel(**kwargs):
+def _kernel(block_t=1, **kwargs):
+  """block_t = 1 unless asked: interpret mode compiles every unrolled time step of a block."""
   return jax.jit(lambda q, k, v, g, s0: gla_recurrent(
-      q, k, v, g, initial_state=s0, return_final_state=True, interpret=True, **kwargs))
+      q, k, v, g, initial_state=s0, return_final_state=True, block_t=block_t, interpret=True,
+      **kwargs))
 
 
 def _reference(q, k, v, g, s0):
@@ -42,22 +44,24 @@ def _grads(fn, args, do, ds):
   return jax.grad(loss, argnums=range(5))(*args)
 
 
-# (b, t, m, h, dk, dv, block_v): T = 1, odd T, M = 1 as 4-D q, M > 1 padded to a power of two,
-# DK != DV (non powers of two), several DV blocks, and the tl.dot path (M, DK, block_v >= 16).
-CASES = [(1, 1, None, 1, 4, 4, 32), (2, 7, 3, 2, 5, 6, 2), (1, 5, 16, 2, 16, 32, 16)]
+# (b, t, m, h, dk, dv, block_v, block_t): T = 1 < block_t, odd T with whole time blocks and a
+# remainder, M = 1 as 4-D q, M > 1 padded to a power of two, DK != DV (non powers of two), several
+# DV blocks, and the tl.dot path (M, DK, block_v >= 16).
+CASES = [(1, 1, None, 1, 4, 4, 32, 4), (2, 7, 3, 2, 5, 6, 2, 3), (1, 5, 16, 2, 16, 32, 16, 2)]
 
 
-@pytest.mark.parametrize("b,t,m,h,dk,dv,block_v", CASES)
-def test_forward_and_gradients_match_reference(b, t, m, h, dk, dv, block_v):
+@pytest.mark.parametrize("b,t,m,h,dk,dv,block_v,block_t", CASES)
+def test_forward_and_gradients_match_reference(b, t, m, h, dk, dv, block_v, block_t):
   rng = np.random.default_rng()
   args = _inputs(rng, b, t, m, h, dk, dv)
-  o, s = _kernel(block_v=block_v)(*args)
+  kernel = _kernel(block_v=block_v, block_t=block_t)
+  o, s = kernel(*args)
   o_ref, s_ref = _reference(*args)
   assert o.shape == o_ref.shape and o.dtype == o_ref.dtype and s.shape == (b, h, dk, dv)
   assert _rel_err(o, o_ref) < 1e-4 and _rel_err(s, s_ref) < 1e-4
   do = rng.standard_normal(o.shape).astype(np.float32)
   ds = rng.standard_normal(s.shape).astype(np.float32)
-  grads = _grads(_kernel(block_v=block_v), args, do, ds)
+  grads = _grads(kernel, args, do, ds)
   for name, grad, grad_ref in zip("q k v g s0".split(), grads, _grads(_reference, args, do, ds)):
     assert grad.shape == grad_ref.shape, name
     assert _rel_err(grad, grad_ref) < 1e-4, name
@@ -66,7 +70,7 @@ def test_forward_and_gradients_match_reference(b, t, m, h, dk, dv, block_v):
 def test_without_initial_state_or_final_state():
   rng = np.random.default_rng()
   q, k, v, g, _ = _inputs(rng, 2, 6, 2, 1, 8, 4)
-  kernel = jax.jit(lambda q, k, v, g: gla_recurrent(q, k, v, g, interpret=True))
+  kernel = jax.jit(lambda q, k, v, g: gla_recurrent(q, k, v, g, block_t=1, interpret=True))
   o = kernel(q, k, v, g)
   assert _rel_err(o, reference.gla_reference(q, k, v, g)) < 1e-4
   do = rng.standard_normal(o.shape).astype(np.float32)
@@ -83,7 +87,7 @@ def test_without_initial_state_or_final_state():
 @pytest.mark.parametrize("gates,dg_tol", [((5e-4, 2e-3), 3e-3), ((0.9998, 0.99995), 1e-4)])
 def test_gradients_with_extreme_gates(gates, dg_tol):
   rng = np.random.default_rng()
-  args = _inputs(rng, 1, 9, 2, 2, 8, 4, gates=gates)
+  args = _inputs(rng, 1, 9, None, 2, 8, 4, gates=gates)
   o, s = _kernel()(*args)
   o_ref, s_ref = _reference(*args)
   assert _rel_err(o, o_ref) < 1e-4 and _rel_err(s, s_ref) < 1e-4
@@ -96,7 +100,7 @@ def test_gradients_with_extreme_gates(gates, dg_tol):
 
 def test_bfloat16_inputs():
   rng = np.random.default_rng()
-  args = _inputs(rng, 2, 5, 3, 2, 8, 8, dtype=jnp.bfloat16)
+  args = _inputs(rng, 2, 5, 2, 2, 8, 8, dtype=jnp.bfloat16)
   o, s = _kernel()(*args)
   o_ref, s_ref = _reference(*args)
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
@@ -112,7 +116,7 @@ def test_bfloat16_inputs():
 
 def test_final_state_composes_over_halves():
   rng = np.random.default_rng()
-  q, k, v, g, s0 = _inputs(rng, 2, 9, 2, 1, 4, 8)
+  q, k, v, g, s0 = _inputs(rng, 2, 9, None, 1, 4, 8)
   kernel = _kernel(block_v=4)
   o, s = kernel(q, k, v, g, s0)
   o1, s1 = kernel(q[:, :4], k[:, :4], v[:, :4], g[:, :4], s0)
@@ -121,10 +125,13 @@ def test_final_state_composes_over_halves():
   assert _rel_err(s2, s) < 1e-5
 
 
-def test_block_v_must_be_a_power_of_two():
+@pytest.mark.parametrize("option,message", [
+    (dict(block_v=24), "block_v must be a power of two, got 24"),
+    (dict(block_t=0), "block_t must be >= 1, got 0")])
+def test_bad_block_sizes(option, message):
   q, k, v, g, _ = _inputs(np.random.default_rng(), 1, 2, None, 1, 4, 4)
-  with pytest.raises(ValueError, match="block_v must be a power of two, got 24"):
-    gla_recurrent(q, k, v, g, block_v=24, interpret=True)
+  with pytest.raises(ValueError, match=message):
+    gla_recurrent(q, k, v, g, interpret=True, **option)
 
 
 @pytest.mark.parametrize("m,dk,dv,dtype", [
