@@ -76,7 +76,8 @@ def _rows(x, m):
 
 
 def _row_steps(first, steps, m):
-  """(steps * m, 1) int32: the time step (within the chunk) of each row of a query block."""
+  """(steps * m, 1) int32, the time step (in the chunk) of each row of a query block; a scalar for
+  one-step blocks."""
   if steps == 1:
     return first
   return first + _rows(lax.broadcasted_iota(jnp.int32, (steps, 1), 0), m)
@@ -356,7 +357,8 @@ def _dstates(q, do, b, ds_t, cfg):
       kernel, cfg, (bsz, nh, dv // bv),
       [_time_spec(rows, dk), _time_spec(rows, bv, True), _time_spec(tp, dk), state_spec],
       [pl.BlockSpec((None, None, nc, dk, bv), lambda b, h, j: (b, h, 0, 0, j)), state_spec],
-      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), q.dtype), jax.ShapeDtypeStruct(ds_t.shape, _F32)],
+      [jax.ShapeDtypeStruct((bsz, nh, nc, dk, dv), q.dtype),
+       jax.ShapeDtypeStruct(ds_t.shape, _F32)],
       "gla_chunked_dstates")(q, do, b, ds_t)
 
 
@@ -409,30 +411,32 @@ def _gla(q, k, v, g, s0, cfg):
 def _gla_fwd(q, k, v, g, s0, cfg):
   b = _local_cumsum(g, cfg.chunk)
   h, s_t = _states(k, v, b, s0, cfg)
-  return (_output(q, k, v, b, h, cfg), s_t), (q, k, v, b, h, s_t)
+  return (_output(q, k, v, b, h, cfg), s_t), (q, k, v, b, h)
 
 
 def _gla_bwd(cfg, residuals, cotangents):
-  q, k, v, b, h, s_t = residuals
+  q, k, v, b, h = residuals
   do, ds_t = cotangents
   dh, ds0 = _dstates(q, do, b, ds_t, cfg)
   dq, dbq = _dq(q, do, k, v, b, h, dh, cfg)
   dk, dv, dbk, dbe = _dkv(q, k, v, b, do, dh, cfg)
-  # The log-gate gradient, chunk by chunk: g_i (step i of chunk n) enters the chunk's outputs o_t,
-  # t >= i, and its end state h_{n+1}; later outputs depend on g_i only through h_{n+1}. With b the
-  # chunk-local cumulative gate, o_t = scale (q_t e^{b_t}) (h_n + sum_{s<=t} (k_s e^{-b_s})^T v_s)
-  # and h_{n+1} = e^{b_L} h_n + sum_s e^{b_L - b_s} k_s^T v_s, so
-  #   dL/dg_i = sum_{t>=i} (sum_m q_t[m] dq_t[m] - k_t dk_t)  [dbq - dbk, pairs s < i <= t remain]
-  #           + rowsum(dh_n * e^{b_L} h_n)                      [in dbq at the chunk's last step]
-  #           + sum_{s<i} k_s dk_s|end                          [dbe, the paths through h_{n+1}].
-  # The pairs s = t carry no gate and cancel exactly within q dq - k dk, and the end-state paths
-  # have opposite signs in the two forms: the kernels leave the former out and keep the latter
-  # apart, since with strong gates both dwarf the result and the difference would be noise.
+  # The log-gate gradient, chunk by chunk. g_i (step i of chunk n) enters the chunk's outputs o_t,
+  # t >= i, and its end state h_{n+1}; later outputs see it only through h_{n+1}. With b the
+  # chunk-local cumulative gate, o_t = scale q_t e^{b_t} (h_n + sum_{s<=t} (k_s e^{-b_s})^T v_s) and
+  # h_{n+1} = e^{b_L} h_n + sum_s e^{b_L - b_s} k_s^T v_s (L the chunk's last step), so
+  #   dL/dg_i = sum_{t>=i} (sum_m q_t[m] dq_t[m] - k_t dk_t|queries)   (dbq - dbk)
+  #           + rowsum(dh_n * e^{b_L} h_n)                             (in dbq at step L)
+  #           + sum_{s<i} k_s dk_s|end state                           (dbe).
+  # The terms of pairs s = t carry no gate and cancel exactly in the first line, and the end-state
+  # paths of keys s >= i would cancel between a reverse and a forward sum: the kernels leave the
+  # former out and keep dbe apart, since with strong gates both dwarf the result (differences of
+  # them would be rounding noise).
   bsz, tp, nh, dk_dim = k.shape
   by_chunk = lambda x: x.reshape(bsz, tp // cfg.chunk, cfg.chunk, nh, dk_dim)
-  dg = lax.cumsum(by_chunk(dbq - dbk), axis=2, reverse=True)
-  dg += jnp.pad(jnp.cumsum(by_chunk(dbe)[:, :, :-1], axis=2), ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
-  dg = dg.reshape(k.shape)
+  from_queries = lax.cumsum(by_chunk(dbq - dbk), axis=2, reverse=True)
+  from_end_state = jnp.cumsum(by_chunk(dbe), axis=2)
+  from_end_state = jnp.pad(from_end_state[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
+  dg = (from_queries + from_end_state).reshape(k.shape)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0
 
 
@@ -447,15 +451,15 @@ def _pad_to(x, shape):
 
 
 def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_state=False,
-                chunk_size=64, sub_chunk=None, block_v=32, num_warps=4, num_stages=2,
+                chunk_size=64, sub_chunk=None, block_v=32, num_warps=8, num_stages=2,
                 interpret=False):
   """Gated linear attention by chunked Pallas kernels (differentiable).
 
   S_t = diag(exp g_t) S_{t-1} + k_t^T v_t;  o_t[m] = scale * q_t[m] S_t.
   q: (B, T, H, DK) or (B, T, M, H, DK); k, g: (B, T, H, DK) (g = log forget gate <= 0);
-  v: (B, T, H, DV); initial_state: (B, H, DK, DV) or None (zeros); scale defaults to DK ** -0.5.
-  Returns o with q's leading shape and DV last, in v's dtype, and S_T: (B, H, DK, DV) float32 if
-  return_final_state.
+  v: (B, T, H, DV); initial_state: (B, H, DK, DV) or None (zeros); scale (a Python number)
+  defaults to DK ** -0.5. Returns o with q's leading shape and DV last, in v's dtype, and S_T:
+  (B, H, DK, DV) float32 if return_final_state.
 
   chunk_size: time steps per chunk (a power of two >= 16); sub_chunk: time steps per block of
   query rows (a power of two <= 16 with sub_chunk * M >= 16; default max(1, 16 // M), the least);
@@ -484,8 +488,8 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   dkp, dvp = (max(_MIN_DOT_DIM, pl.next_power_of_2(n)) for n in (dk, dv))
   tp = -(-t // chunk_size) * chunk_size
   cfg = _Config(m=mp, scale=float(scale), chunk=chunk_size, steps=sub_chunk,
-                block_v=min(block_v, dvp),
-                num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                block_v=min(block_v, dvp), num_warps=num_warps, num_stages=num_stages,
+                interpret=interpret)
   s0 = (jnp.zeros((bsz, nh, dkp, dvp), _F32) if initial_state is None
         else _pad_to(initial_state.astype(_F32), (bsz, nh, dkp, dvp)))
   o, s_t = _gla(_pad_to(q, (bsz, tp, mp, nh, dkp)).reshape(bsz, tp * mp, nh, dkp),
