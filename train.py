@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from clam_jax import train_lib
@@ -26,13 +27,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and plots; resumed when it has checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
-# Orbax and grain log every checkpoint step at INFO; --verbosity=0 brings them back.
-flags.FLAGS.set_default("verbosity", -1)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint operation at INFO; --verbosity=0 brings that back.
+    logging.set_verbosity(logging.WARNING)
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train_lib.USER_ERRORS as e:

@@ -22,6 +22,7 @@ with the host: metrics stay on device until a logging step fetches them.
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -131,6 +132,13 @@ def create_train_state(model, tx, example, rng):
   return train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
 
 
+def param_shapes(model, example):
+  """model's params as jax.ShapeDtypeStruct (traced, nothing computed); example as in
+  create_train_state."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), example["features"],
+                                           example["mask"], train=False))["params"]
+
+
 def train_step(state, batch, dropout_key, *, loss_config):
   """One optimizer step on a (global, possibly sharded) batch.
 
@@ -175,6 +183,17 @@ class Parallel:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data, np.asarray(x)), batch)
 
+  def train_step(self, loss_config):
+    """jit(train_step): state and key replicated, batch sharded, the old state's buffers donated."""
+    return jax.jit(functools.partial(train_step, loss_config=loss_config),
+                   in_shardings=(self.replicated, self.data, self.replicated),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+
+  def predict_step(self, model):
+    """jit(predict_step) of model: params replicated, batch sharded, probabilities replicated."""
+    return jax.jit(functools.partial(predict_step, apply_fn=model.apply),
+                   in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
+
   def abstract(self, tree):
     """tree's shapes and dtypes as jax.ShapeDtypeStruct, replicated on the mesh."""
     return jax.tree.map(
@@ -185,7 +204,7 @@ class Parallel:
 # Evaluation
 
 
-def predict(config, params, parallel, split):
+def predict(config, params, parallel, predict_fn, split):
   """Scores of every annotated segment of a split, in annotation-row order.
 
   Segments the source dropped (no observed frame before tau_a) get no prediction: their row scores
@@ -193,11 +212,8 @@ def predict(config, params, parallel, split):
   them. Returns {"row": (R,) int64 annotation rows 0..R-1, "observed": (R,) bool,
   "participant": (R,) str, "scores": {head: (R, C) float32}, "labels": {head: (R,) int32}}; the
   scores are the softmax of the first future query (the anticipated action).
+  predict_fn: parallel.predict_step(model), made once so repeated evaluations reuse its compilation.
   """
-  model = model_lib.CLAM(config.model)
-  eval_fn = jax.jit(functools.partial(predict_step, apply_fn=model.apply),
-                    in_shardings=(parallel.replicated, parallel.data),
-                    out_shardings=parallel.replicated)
   source = pipeline.make_source(config.data, split)
   loader = pipeline.make_loader(config.data, split, shuffle=False, num_epochs=1,
                                 batch_size=config.eval.batch_size)
@@ -209,7 +225,7 @@ def predict(config, params, parallel, split):
   for batch in loader:
     real = batch["sample_id"] >= 0  # the pipeline pads the last batch with sample_id -1
     rows = source.rows[batch["sample_id"][real]]
-    probabilities = jax.device_get(eval_fn(params, parallel.shard_batch(model_inputs(batch))))
+    probabilities = jax.device_get(predict_fn(params, parallel.shard_batch(model_inputs(batch))))
     for head in scores:
       scores[head][rows] = probabilities[head][real, 0]
     observed[rows] = True
@@ -272,6 +288,14 @@ def read_metrics(workdir):
   """The rows of workdir/metrics.jsonl as a list of dicts."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def last_eval_metrics(workdir):
+  """The latest evaluation in workdir/metrics.jsonl as {"overall/<head>": value}, {} if none."""
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return {}
+  rows = [row for row in read_metrics(workdir) if any(k.startswith("eval/") for k in row)]
+  return {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
 def plot_training_curves(workdir):
@@ -355,7 +379,8 @@ def train_and_evaluate(config, workdir):
   """Trains config's model on its data, evaluating and checkpointing under workdir.
 
   Resumes from the latest checkpoint in workdir/checkpoints (same step, same next batch). Returns
-  the evaluation metrics of the final step ({"overall/<head>": top-5 recall %}).
+  the evaluation metrics of the final step ({"overall/<head>": top-5 recall %}), also when the
+  run had already finished.
   """
   check_config(config)
   parallel = Parallel()
@@ -390,14 +415,13 @@ def train_and_evaluate(config, workdir):
   state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), parallel.replicated))
   checkpointing.write_config(workdir, config)
 
-  step_fn = jax.jit(functools.partial(train_step, loss_config=config.loss),
-                    in_shardings=(parallel.replicated, parallel.data, parallel.replicated),
-                    out_shardings=(parallel.replicated, parallel.replicated), donate_argnums=0)
+  step_fn = parallel.train_step(config.loss)
+  predict_fn = parallel.predict_step(model)
   writer = MetricWriter(workdir, resume_step=start)
   log_every = config.train.log_every_steps
   eval_every = _every(config.train.eval_every_epochs, steps_per_epoch)
   checkpoint_every = _every(config.train.checkpoint_every_epochs, steps_per_epoch)
-  eval_metrics = {}
+  eval_metrics = last_eval_metrics(workdir)
   pending, last_log = [], (start, time.perf_counter())
   try:
     with tqdm.tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
@@ -421,7 +445,7 @@ def train_and_evaluate(config, workdir):
         paused = time.perf_counter()
         if evaluate_now:
           eval_metrics = compute_metrics(
-              config, predict(config, state.params, parallel, config.eval.split))
+              config, predict(config, state.params, parallel, predict_fn, config.eval.split))
           writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           plot_training_curves(workdir)
           bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
@@ -476,15 +500,13 @@ def evaluate(config, workdir, checkpoint="best"):
   prepare_data_config(config, workdir)
   parallel = Parallel()
   model = model_lib.CLAM(config.model)
-  example = example_inputs(pipeline.make_source(config.data, config.eval.split))
-  abstract_params = parallel.abstract(jax.eval_shape(
-      lambda: model.init(jax.random.key(0), example["features"], example["mask"], train=False)
-  )["params"])
+  abstract_params = parallel.abstract(param_shapes(
+      model, example_inputs(pipeline.make_source(config.data, config.eval.split))))
   checkpointing.check_params(manager, step, abstract_params, config)
   params = checkpointing.restore_params(manager, step, abstract_params)
   manager.close()
 
-  predictions = predict(config, params, parallel, config.eval.split)
+  predictions = predict(config, params, parallel, parallel.predict_step(model), config.eval.split)
   results = compute_metrics(config, predictions)
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
@@ -552,14 +574,15 @@ USER_ERRORS = (ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundE
 
 def parse_flags(argv):
   """absl flag parsing (for app.run's flags_parser) where a misspelt --config.<field> exits with
-  one line naming it (status 2) instead of a traceback."""
+  one line naming it (status 1) instead of a traceback."""
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:
-    message = str(e.args[0]) if e.args else str(e)
-    field = message.split("\n")[0].strip("'\"")
-    hint = message.split("\n", 1)[1].strip() if "\n" in message else ""
-    flag = next((arg.split("=")[0] for arg in argv[1:]
-                 if arg.startswith("--config.") and field in arg.split("=")[0].split(".")), field)
-    sys.exit(f"{os.path.basename(argv[0])}: error: {flag}: no config field '{field}'"
-             + (f" ({hint})" if hint else ""))
+    # ml_collections raises KeyError("'lrr'\nDid you mean \"lr\" instead of \"lrr\"?"), wrapped.
+    message = str(e)
+    missing = re.findall(r"\w+", message)[0]
+    flag = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
+                 and missing in arg.split("=")[0].split(".")), f"--config...{missing}")
+    hint = re.search(r'Did you mean "(\w+)"', message)
+    sys.exit(f"{os.path.basename(argv[0])}: error: {flag}: the config has no field '{missing}'"
+             + (f' (did you mean "{hint.group(1)}"?)' if hint else ""))

@@ -1,0 +1,261 @@
+"""Tests of the training library, train.py and evaluate.py on tiny synthetic data (CPU).
+
+The training runs share one subprocess started with 2 virtual CPU devices (XLA_FLAGS must be set
+before JAX starts) and a persistent compilation cache, so the data-parallel check, the end-to-end
+run, the interrupted and the resumed run and the evaluation compile each program once. That
+process writes its observations to results.json; the tests below check them and the files it left.
+The tiny model uses the GRU processor without memory: it compiles in a fraction of the Mamba +
+memory model's time, and the loop does not depend on the model's insides (tests/test_model*.py).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax.training import train_state
+
+from clam_jax import checkpointing
+from clam_jax import metrics as metrics_lib
+from clam_jax import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERRUPT_AT = 4  # mid-epoch: the tiny training split has 38 segments, 4.75 batches of 8
+
+
+def load_config(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config(data_root=""):
+  """configs/demo.py shrunk: 5 videos (38 + 10 segments), D = 16, 12 frames, 9 steps of 8."""
+  config = load_config("demo")
+  config.model.update(dict(
+      modalities={"rgb": 16}, d_model=16, processor="gru", processor_layers=1, memory=False,
+      num_act_tokens=4, predictor_heads=2, heads={"verb": 5, "noun": 10, "action": 10}))
+  config.data.update(dict(
+      root=data_root, modalities={"rgb": 16}, obs_seconds=12.0, fps=1.0, batch_size=8,
+      synthetic=dict(num_videos=5, num_validation_videos=1, episodes_per_video=2, num_recipes=3,
+                     steps_per_episode=3, feature_dim=16, seed=0)))
+  config.optimizer.update(dict(lr=3e-3, warmup_epochs=0.5))
+  config.train.update(dict(num_epochs=2, log_every_steps=1, eval_every_epochs=1.0,
+                           checkpoint_every_epochs=0.5))
+  config.eval.batch_size = 16
+  return config
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _run_all(out):
+  """The subprocess body (2 CPU devices): writes out/results.json and the workdirs under out."""
+  from clam_jax.data import pipeline
+
+  results = {"devices": jax.device_count()}
+  full, resumed = os.path.join(out, "full"), os.path.join(out, "resumed")
+  config = tiny_config()
+  results["final_metrics"] = train_lib.train_and_evaluate(config, full)
+  data_root = config.data.root  # train_and_evaluate pointed it at full/data and generated it
+
+  # Interrupted right after the checkpoint of step INTERRUPT_AT, then resumed.
+  config = tiny_config(data_root)
+  save = checkpointing.save
+
+  def save_then_stop(manager, step, *args, **kwargs):
+    save(manager, step, *args, **kwargs)
+    if step == INTERRUPT_AT:
+      manager.wait_until_finished()
+      raise _Interrupt
+
+  checkpointing.save = save_then_stop
+  try:
+    train_lib.train_and_evaluate(config, resumed)
+  except _Interrupt:
+    results["interrupted_steps"] = checkpointing.checkpoint_manager(
+        resumed, best_metric=config.eval.best_metric).all_steps()
+  finally:
+    checkpointing.save = save
+  train_lib.train_and_evaluate(tiny_config(data_root), resumed)
+
+  one, two = train_lib.Parallel(jax.devices()[:1]), train_lib.Parallel()
+  model = train_lib.model_lib.CLAM(config.model)
+  abstract = two.abstract(train_lib.param_shapes(
+      model, train_lib.example_inputs(pipeline.make_source(config.data, "train"))))
+  params = {}
+  for name, workdir in (("full", full), ("resumed", resumed)):
+    manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
+                                               read_only=True)
+    params[name] = jax.device_get(checkpointing.restore_params(
+        manager, manager.latest_step(), abstract))
+    results[f"{name}_steps"] = manager.all_steps()
+  results["resumed_params_max_difference"] = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()), params["full"], params["resumed"])))
+
+  # One train step with the batch on 1 device and split over 2 (the latter is the program the runs
+  # above compiled: same optimizer, same shapes), then more steps on a fixed batch.
+  batch = train_lib.model_inputs(next(iter(pipeline.make_loader(
+      config.data, "train", shuffle=True, num_epochs=1))))
+  tx, _ = train_lib.make_optimizer(config.optimizer, steps_per_epoch=38 / 8, total_steps=9)
+  # On the host: each device_put below makes fresh buffers, as the steps donate theirs.
+  state = jax.device_get(train_state.TrainState.create(
+      apply_fn=model.apply, params=params["full"], tx=tx)).replace(step=np.int32(0))
+  key = jax.random.key(1)
+  stepped = {}
+  for name, parallel in (("one", one), ("two", two)):
+    new_state, metrics = parallel.train_step(config.loss)(
+        jax.device_put(state, parallel.replicated), parallel.shard_batch(batch), key)
+    stepped[name] = (jax.device_get(new_state.params), float(metrics["loss"]))
+  results["loss_one_device"], results["loss_two_devices"] = stepped["one"][1], stepped["two"][1]
+  results["params_max_difference"] = max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(a - b).max()), stepped["one"][0], stepped["two"][0])))
+  step_fn = two.train_step(config.loss)
+  state, losses = jax.device_put(state, two.replicated), []
+  for _ in range(9):
+    state, metrics = step_fn(state, two.shard_batch(batch), key)
+    losses.append(float(metrics["loss"]))
+  results["fixed_batch_losses"] = losses
+
+  report = train_lib.evaluate(tiny_config(data_root), full)
+  results["evaluate_step"] = report["step"]
+  results["data_root"] = data_root
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("runs"))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(out, "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), REPO,
+                                         os.environ.get("PYTHONPATH", "")]))
+  code = f"import test_train; test_train._run_all({out!r})"
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=600, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-5000:]
+  with open(os.path.join(out, "results.json")) as f:
+    return out, json.load(f)
+
+
+def _rows(workdir):
+  return train_lib.read_metrics(workdir)
+
+
+def test_loss_and_optimizer_reduce_the_loss_on_a_fixed_batch(runs):
+  losses = runs[1]["fixed_batch_losses"]
+  assert all(np.isfinite(losses))
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_data_parallel_step_matches_one_device(runs):
+  _, results = runs
+  assert results["devices"] == 2
+  np.testing.assert_allclose(results["loss_two_devices"], results["loss_one_device"], rtol=1e-5)
+  assert results["params_max_difference"] < 1e-5
+
+
+def test_train_and_evaluate_writes_checkpoints_metrics_and_plots(runs):
+  out, results = runs
+  full = os.path.join(out, "full")
+  assert results["data_root"] == os.path.join(full, "data")  # generated into the workdir
+  assert os.path.exists(os.path.join(full, "data", "synthetic.json"))
+  assert results["full_steps"][-1] == 9  # 2 epochs of 38 examples, batches of 8
+  rows = _rows(full)
+  train_steps = [r["step"] for r in rows if "train/loss" in r]
+  assert train_steps == list(range(1, 10))
+  assert [r["step"] for r in rows if "eval/overall/action" in r] == [5, 9]
+  assert all(np.isfinite(r["train/loss"]) and r["train/lr"] >= 0 for r in rows if "train/loss" in r)
+  assert set(results["final_metrics"]) == {"overall/verb", "overall/noun", "overall/action"}
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(full))
+  with open(os.path.join(full, "training_curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(full, "config.json")) as f:
+    assert json.load(f)["model"]["d_model"] == 16
+
+
+def test_resume_continues_at_the_step_with_the_same_batches(runs):
+  out, results = runs
+  assert results["interrupted_steps"][-1] == INTERRUPT_AT
+  assert results["resumed_steps"][-1] == 9
+  full, resumed = _rows(os.path.join(out, "full")), _rows(os.path.join(out, "resumed"))
+  loss = lambda rows: {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert sorted(loss(resumed)) == list(range(1, 10))  # no step repeated or skipped
+  for step in range(INTERRUPT_AT + 1, 10):  # same batches and dropout after resuming
+    np.testing.assert_allclose(loss(resumed)[step], loss(full)[step], rtol=1e-5)
+  assert results["resumed_params_max_difference"] < 1e-6
+
+
+def test_evaluate_metrics_match_the_saved_predictions(runs):
+  out, results = runs
+  eval_dir = os.path.join(out, "full", "eval")
+  with open(os.path.join(eval_dir, "metrics.json")) as f:
+    report = json.load(f)
+  assert report["step"] == results["evaluate_step"] == 9
+  saved = np.load(os.path.join(eval_dir, "predictions.npz"))
+  heads = ("verb", "noun", "action")
+  expected = metrics_lib.ek100_anticipation_metrics(
+      *(saved[f"scores/{h}"] for h in heads), *(saved[f"labels/{h}"] for h in heads))
+  assert report["metrics"] == pytest.approx(expected, abs=1e-9)
+  # Every validation segment has a row; dropped ones (no observation) can never be hits.
+  assert len(saved["row"]) == 10 and saved["scores/action"].shape == (10, 10)
+  dropped = ~saved["observed"]
+  labels = saved["labels/action"][dropped]
+  assert np.all(saved["scores/action"][dropped, labels] < saved["scores/action"][dropped].max(1))
+  with open(os.path.join(eval_dir, "metrics.md")) as f:
+    assert "| overall |" in f.read()
+  with open(os.path.join(eval_dir, "per_class_recall.png"), "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+
+
+def _snapshot(directory):
+  return sorted((os.path.relpath(os.path.join(d, n), directory),
+                 os.stat(os.path.join(d, n)).st_mtime_ns)
+                for d, _, names in os.walk(directory) for n in names)
+
+
+def test_mismatched_or_missing_workdir_fails_without_touching_checkpoints(runs, tmp_path):
+  out, results = runs
+  full = os.path.join(out, "full")
+  with pytest.raises(FileNotFoundError, match="checkpoints"):
+    train_lib.evaluate(tiny_config(results["data_root"]), str(tmp_path / "empty"))
+
+  before = _snapshot(full)
+  other = tiny_config(results["data_root"])
+  other.model.d_model = 24
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"params/.* is \(.*16.*\) there but \(.*24.*\).*model.d_model: 16 -> 24"):
+    train_lib.evaluate(other, full)
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="model.d_model"):
+    train_lib.train_and_evaluate(other, full)
+  assert _snapshot(full) == before
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
+                        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_cli_misspelt_config_field_is_one_line_naming_it(tmp_path):
+  done = _cli("train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path),
+              "--config.optimizer.lrr=1")
+  assert done.returncode != 0
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--config.optimizer.lrr" in lines[0] and '"lr"' in lines[0], lines
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
+  done = _cli("evaluate.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "none"))
+  assert done.returncode != 0
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "evaluate.py: error:" in lines[0] and "checkpoints" in lines[0], lines
