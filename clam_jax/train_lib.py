@@ -135,8 +135,9 @@ def create_train_state(model, tx, example, rng):
 def param_shapes(model, example):
   """model's params as jax.ShapeDtypeStruct (traced, nothing computed); example as in
   create_train_state."""
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), example["features"],
-                                           example["mask"], train=False))["params"]
+  return jax.eval_shape(
+      lambda features, mask: model.init(jax.random.key(0), features, mask, train=False),
+      example["features"], example["mask"])["params"]
 
 
 def train_step(state, batch, dropout_key, *, loss_config):

@@ -64,7 +64,7 @@ def get_config():
       weights={"verb": 1.0, "noun": 1.0, "action": 1.0}, past_loss_weight=1.0,
       label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
-      num_epochs=12, log_every_steps=10, eval_every_epochs=2.0, checkpoint_every_epochs=2.0,
+      num_epochs=8, log_every_steps=10, eval_every_epochs=2.0, checkpoint_every_epochs=2.0,
       keep=1))
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=64, best_metric="overall/action", best_mode="max",
