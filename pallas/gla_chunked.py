@@ -209,7 +209,7 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, b_ref, h_ref, dh_ref, dq_ref, dbq_re
     dbq_ref[pl.ds(first, steps), :] = dbq + jnp.where(last, start_state_term, 0.0)
     same_step = jnp.sum(jnp.where(key == t_q, da_all, 0.0), axis=1, keepdims=True)
     dq += same_step * _rows(k_ref[pl.ds(first, steps), :].astype(_F32), m)
-    dq_ref[rows, :] = scale * dq
+    dq_ref[rows, :] = (scale * dq).astype(dq_ref.dtype)
     return carry
 
   lax.fori_loop(0, chunk // steps, body, 0)
@@ -288,8 +288,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
   decay = jnp.exp(b_ref[pl.ds(chunk - 1, 1), :] - b_k)
   dk_end = decay * _mm(v, dh, dtype, _NT)
   dbe_ref[...] = k * dk_end
-  dk_ref[...] = dk + dk_same + dk_end
-  dv_ref[...] = dv + _mm(k * decay, dh, dtype, _NN)
+  dk_ref[...] = (dk + dk_same + dk_end).astype(dk_ref.dtype)
+  dv_ref[...] = (dv + _mm(k * decay, dh, dtype, _NN)).astype(dv_ref.dtype)
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
@@ -363,7 +363,7 @@ def _dstates(q, do, b, ds_t, cfg):
 
 
 def _dq(q, do, k, v, b, h, dh, cfg):
-  """-> dq (B, Tp*M, H, DK) and dbq (B, Tp, H, DK), float32."""
+  """-> dq (B, Tp*M, H, DK) in q's dtype and dbq (B, Tp, H, DK) float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
   kernel = functools.partial(_dq_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.steps)
@@ -372,12 +372,13 @@ def _dq(q, do, k, v, b, h, dh, cfg):
       [_chunk_spec(rows, dk), _chunk_spec(rows, dv), _chunk_spec(c, dk), _chunk_spec(c, dv),
        _chunk_spec(c, dk), _chunk_state_spec(dk, dv), _chunk_state_spec(dk, dv)],
       [_chunk_spec(rows, dk), _chunk_spec(c, dk)],
-      [jax.ShapeDtypeStruct(q.shape, _F32), jax.ShapeDtypeStruct(k.shape, _F32)],
+      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, _F32)],
       "gla_chunked_dq")(q, do, k, v, b, h, dh)
 
 
 def _dkv(q, k, v, b, do, dh, cfg):
-  """-> dk (B, Tp, H, DK), dv (B, Tp, H, DV), dbk and dbe (B, Tp, H, DK), float32."""
+  """-> dk (B, Tp, H, DK) and dv (B, Tp, H, DV) in the inputs' dtype, dbk and dbe (B, Tp, H, DK)
+  float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
   block_k = _MIN_DOT_DIM
@@ -390,7 +391,7 @@ def _dkv(q, k, v, b, do, dh, cfg):
       [_chunk_spec(rows, dk), _chunk_spec(c, dk), _chunk_spec(c, dv), _chunk_spec(c, dk),
        _chunk_spec(rows, dv), _chunk_state_spec(dk, dv)],
       [key_spec(dk), key_spec(dv), key_spec(dk), key_spec(dk)],
-      [jax.ShapeDtypeStruct(k.shape, _F32), jax.ShapeDtypeStruct(v.shape, _F32),
+      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        jax.ShapeDtypeStruct(k.shape, _F32), jax.ShapeDtypeStruct(k.shape, _F32)],
       "gla_chunked_dkv")(q, k, v, b, do, dh)
 
@@ -437,7 +438,7 @@ def _gla_bwd(cfg, residuals, cotangents):
   from_end_state = jnp.cumsum(by_chunk(dbe), axis=2)
   from_end_state = jnp.pad(from_end_state[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))
   dg = (from_queries + from_end_state).reshape(k.shape)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0
+  return dq, dk, dv, dg, ds0
 
 
 _gla.defvjp(_gla_fwd, _gla_bwd)
