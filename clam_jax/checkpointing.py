@@ -24,19 +24,20 @@ class CheckpointMismatchError(ValueError):
   """The checkpoints in a workdir do not fit the model the config describes."""
 
 
-def checkpoint_manager(workdir, *, best_metric, best_mode="max", keep=1, read_only=False):
+def checkpoint_manager(workdir, *, best_metric, best_mode="max", keep=1, create=True):
   """The run's CheckpointManager over workdir/checkpoints.
 
   best_metric: key of the metrics dict given to `save` that ranks checkpoints; best_mode: "max"
   (higher is better) or "min"; keep: how many best checkpoints survive besides the latest one.
-  read_only: for evaluation (creates and deletes nothing).
+  create: False to read an existing run (evaluation): the folder must exist. A manager deletes
+  checkpoints only when it saves, so one that never saves leaves them as they are.
   """
   if best_mode not in ("max", "min"):
     raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
   sign = 1.0 if best_mode == "max" else -1.0
   best_fn = lambda metrics: sign * metrics[best_metric]
   options = ocp.CheckpointManagerOptions(
-      best_fn=best_fn, best_mode="max", read_only=read_only, create=not read_only,
+      best_fn=best_fn, best_mode="max", create=create,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy([
           checkpoint_managers.LatestN(n=1),
           checkpoint_managers.BestN(get_metric_fn=best_fn, n=keep,

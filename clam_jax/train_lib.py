@@ -484,7 +484,7 @@ def evaluate(config, workdir, checkpoint="best"):
                             f"`python train.py --config ... --workdir {workdir}`")
   manager = checkpointing.checkpoint_manager(
       workdir, best_metric=config.eval.best_metric, best_mode=config.eval.best_mode,
-      read_only=True)
+      create=False)
   if not manager.all_steps():
     raise FileNotFoundError(f"no checkpoint in {directory}: train first with "
                             f"`python train.py --config ... --workdir {workdir}`")

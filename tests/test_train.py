@@ -92,7 +92,7 @@ def _run_all(out):
   params = {}
   for name, workdir in (("full", full), ("resumed", resumed)):
     manager = checkpointing.checkpoint_manager(workdir, best_metric=config.eval.best_metric,
-                                               read_only=True)
+                                               create=False)
     params[name] = jax.device_get(checkpointing.restore_params(
         manager, manager.latest_step(), abstract))
     results[f"{name}_steps"] = manager.all_steps()
