@@ -22,10 +22,10 @@ from ml_collections import config_flags
 from clam_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py); override its fields with --config.<field>=<value>.",
+    "config", None, "Config file (configs/*.py); override fields with --config.<field>=<value>.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and plots; resumed when it has checkpoints.")
+    "workdir", None, "Folder for checkpoints, metrics and plots; resumed if it has checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

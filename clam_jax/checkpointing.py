@@ -5,8 +5,8 @@ Each step directory holds three items:
     opt_state  the optimizer state
     data       the grain iterator state, so a resumed run sees the batches it would have seen
 The manager keeps the latest step and the `keep` best steps by an evaluation metric. Before anything
-is restored, the checkpoint's parameter shapes are compared with the model's, so a workdir written by
-another config fails with one line naming the first parameter that differs.
+is restored, the checkpoint's parameter shapes are compared with the model's, so a workdir written
+by another config fails with one line naming the first parameter that differs.
 """
 
 import json
@@ -63,9 +63,9 @@ def save(manager, step, state, data_iterator, metrics=None):
 
 
 def check_params(manager, step, abstract_params, config):
-  """Raises CheckpointMismatchError unless checkpoint `step` has exactly the params' paths and shapes.
+  """Raises CheckpointMismatchError unless checkpoint `step` has the params' paths and shapes.
 
-  abstract_params: pytree of arrays or jax.ShapeDtypeStruct (e.g. from jax.eval_shape of model.init);
+  abstract_params: pytree of arrays or jax.ShapeDtypeStruct (e.g. train_lib.param_shapes);
   config: the run's config, whose model fields that differ from workdir/config.json are named in
   the error.
   """

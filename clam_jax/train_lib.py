@@ -57,7 +57,8 @@ def make_optimizer(optimizer_config, steps_per_epoch, total_steps):
   """AdamW with linear warm-up from 0 and cosine decay to 0, after global-norm gradient clipping.
 
   optimizer_config: lr, weight_decay, warmup_epochs, clip_norm, b1, b2. Weight decay applies to
-  matrices only (ndim >= 2): biases, norm scales and the SSM's per-channel vectors are not shrunk.
+  matrices only (ndim >= 2), except Mamba's A_log, which mamba_ssm exempts as it does D: biases,
+  norm scales and the SSM's state parameters are not shrunk.
   Returns (tx, schedule) with schedule(step) -> learning rate.
   """
   warmup = int(round(optimizer_config.warmup_epochs * steps_per_epoch))
@@ -69,8 +70,13 @@ def make_optimizer(optimizer_config, steps_per_epoch, total_steps):
       optax.clip_by_global_norm(optimizer_config.clip_norm),
       optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2,
                   weight_decay=optimizer_config.weight_decay,
-                  mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+                  mask=_decayed))
   return tx, schedule
+
+
+def _decayed(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "A_log", params)
 
 
 def cross_entropy(logits, labels, label_smoothing=0.0):
@@ -106,7 +112,8 @@ def compute_loss(outputs, batch, loss_config):
         outputs["future"][head], batch["future_targets"][head], smoothing)
     parts[f"past/{head}"] = cross_entropy(
         outputs["past"][head], batch["past_targets"][head], smoothing)
-    total += weight * (parts[f"future/{head}"] + loss_config.past_loss_weight * parts[f"past/{head}"])
+    past = loss_config.past_loss_weight * parts[f"past/{head}"]
+    total += weight * (parts[f"future/{head}"] + past)
   parts["loss"] = total
   return total, parts
 
@@ -143,8 +150,8 @@ def param_shapes(model, example):
 def train_step(state, batch, dropout_key, *, loss_config):
   """One optimizer step on a (global, possibly sharded) batch.
 
-  batch: model_inputs(...) with leading axis B; dropout_key: a base PRNG key, folded with the step so
-  a resumed run draws the same masks. Returns (new state, {"loss", "future/*", "past/*",
+  batch: model_inputs(...) with leading axis B; dropout_key: a base PRNG key, folded with the step
+  so a resumed run draws the same masks. Returns (new state, {"loss", "future/*", "past/*",
   "grad_norm"} device scalars).
   """
   key = jax.random.fold_in(dropout_key, state.step)
@@ -175,12 +182,8 @@ class Parallel:
     self.data = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
-  @property
-  def size(self):
-    return self.mesh.size
-
   def shard_batch(self, batch):
-    """Host numpy batch (leading axis B, B % devices == 0) -> global jax arrays split over devices."""
+    """Host numpy batch (leading axis B, B % devices == 0) -> global arrays split over devices."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data, np.asarray(x)), batch)
 
@@ -234,7 +237,6 @@ def predict(config, params, parallel, predict_fn, split):
   dropped = np.flatnonzero(~observed)
   for head in scores:
     scores[head][dropped, labels[head][dropped]] = -1.0
-  
   return {"row": np.arange(num_rows), "observed": observed,
           "participant": np.array([video.split("_")[0] for video in ann.video_id]),
           "scores": scores, "labels": labels}

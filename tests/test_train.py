@@ -15,7 +15,9 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
+import optax
 import pytest
 from flax.training import train_state
 
@@ -151,6 +153,37 @@ def _rows(workdir):
   return train_lib.read_metrics(workdir)
 
 
+def test_cross_entropy_ignores_minus_one_and_smooths_labels():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
+  labels = rng.integers(0, 7, (3, 5)).astype(np.int32)
+  labels[0, 1] = labels[2, 4] = -1
+  valid = labels >= 0
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(train_lib.cross_entropy(logits, labels),
+                             -log_p[valid, labels[valid]].mean(), rtol=1e-5)
+  smoothed = optax.smooth_labels(np.eye(7)[labels[valid]], 0.2)
+  np.testing.assert_allclose(train_lib.cross_entropy(logits, labels, 0.2),
+                             -(smoothed * log_p[valid]).sum(-1).mean(), rtol=1e-5)
+  assert float(train_lib.cross_entropy(logits, np.full((3, 5), -1, np.int32))) == 0.0
+
+
+def test_compute_loss_weights_heads_and_past_frames():
+  rng = np.random.default_rng(1)
+  heads = {"verb": 4, "action": 6}
+  outputs = {"future": {h: rng.normal(size=(2, 1, c)) for h, c in heads.items()},
+             "past": {h: rng.normal(size=(2, 9, c)) for h, c in heads.items()}}
+  batch = {"future_targets": {h: rng.integers(0, c, (2, 1)) for h, c in heads.items()},
+           "past_targets": {h: rng.integers(-1, c, (2, 9)) for h, c in heads.items()}}
+  config = ml_collections.ConfigDict(dict(
+      weights={"verb": 0.5, "action": 2.0}, past_loss_weight=0.25, label_smoothing=0.0))
+  loss, parts = train_lib.compute_loss(outputs, batch, config)
+  ce = lambda kind, h: float(train_lib.cross_entropy(outputs[kind][h], batch[f"{kind}_targets"][h]))
+  expected = sum(w * (ce("future", h) + 0.25 * ce("past", h)) for h, w in config.weights.items())
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  np.testing.assert_allclose(parts["past/action"], ce("past", "action"), rtol=1e-6)
+
+
 def test_loss_and_optimizer_reduce_the_loss_on_a_fixed_batch(runs):
   losses = runs[1]["fixed_batch_losses"]
   assert all(np.isfinite(losses))
@@ -232,8 +265,8 @@ def test_mismatched_or_missing_workdir_fails_without_touching_checkpoints(runs, 
   before = _snapshot(full)
   other = tiny_config(results["data_root"])
   other.model.d_model = 24
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"params/.* is \(.*16.*\) there but \(.*24.*\).*model.d_model: 16 -> 24"):
+  shapes = r"params/.* is \(.*16.*\) there but \(.*24.*\).*model.d_model: 16 -> 24"
+  with pytest.raises(checkpointing.CheckpointMismatchError, match=shapes):
     train_lib.evaluate(other, full)
   with pytest.raises(checkpointing.CheckpointMismatchError, match="model.d_model"):
     train_lib.train_and_evaluate(other, full)
