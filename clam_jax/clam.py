@@ -5,12 +5,13 @@ L_m pre-LayerNorm layers over the M tokens; layer l at step t maps the layer-(l-
 (layer 0: the learned queries, the same at every t) through
     self-attention among the M tokens -> cross linear attention to S^l_t -> FFN (4 * D, ReLU),
 each a residual block with dropout on its output, then a final LayerNorm. Per head (H =
-memory_heads, DK = DV = d_model / H) the state of layer l is
-    S^l_t = diag(exp g_t) S^l_{t-1} + phi(k_t)^T v_t,   g_t = log_sigmoid(W_g x_t) / gate_temperature,
+memory_heads, DK = DV = d_model / H, tau = gate_temperature) the state of layer l is
+    S^l_t = diag(exp g_t) S^l_{t-1} + phi(k_t)^T v_t,     g_t = log_sigmoid(W_g x_t) / tau <= 0,
 with k_t, v_t, g_t projected from LayerNorm(x_t); the read-out of a memory token m is
     o_t[m] = DK^-1/2 phi(q_t[m]) S^l_t        (/ DK^-1/2 phi(q_t[m]) z^l_t with memory_normalize)
-and z^l_t, the gated sum of phi(k_t), is one extra value column of ones in S. phi = identity or
-elu + 1 (memory_feature_map). Masked frames have g = 0 and k = 0: they leave S as it was.
+with q_t[m] projected from the normalised token, and z^l_t, the gated sum of phi(k_t), one extra
+value column of ones in S. phi = identity or elu + 1 (memory_feature_map). Masked frames have
+g = 0 and k = 0: they leave S as it was.
 
 (choice) x_t are the projected frame features (the processor's input), not the act-tokens: the
 memory keeps the per-frame evidence and does not wait for the processor.
@@ -18,7 +19,7 @@ memory keeps the per-frame evidence and does not wait for the processor.
 S^l_t depends on the frames only, never on the memory tokens, so every layer's state is one call of
 `pallas.gated_linear_attention` over the frames; the tokens are needed at one step only (the last
 one for the predictor, the current one in streaming), so they are read out of S_T directly rather
-than through the op's per-step outputs (which would cost T * M * D per layer for T - 1 unused steps).
+than through the op's per-step outputs (T * M * D values per layer, all but one step unused).
 The same code serves a full sequence (state None) and one streaming step (T = 1, the carried state).
 """
 
@@ -100,7 +101,7 @@ class CrossLinearAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """Dense(4 D) -> ReLU -> dropout -> Dense(D), as querymamba's decoder FFN: (..., D) -> (..., D)."""
+  """Dense(4 D) -> ReLU -> dropout -> Dense(D) as querymamba's decoder FFN; (..., D) -> (..., D)."""
   config: ml_collections.ConfigDict
 
   @nn.compact
