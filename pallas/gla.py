@@ -3,9 +3,13 @@
 import jax
 
 from pallas import checks, reference
+from pallas.gla_chunked import gla_chunked
 from pallas.gla_recurrent import gla_recurrent
 
-IMPLEMENTATIONS = ("auto", "reference", "recurrent")
+IMPLEMENTATIONS = ("auto", "reference", "recurrent", "chunked")
+# From this many steps on, "auto" takes the chunked kernels on GPU (faster than the recurrent ones
+# at every shape measured on an H200; see benchmarks/RESULTS.md).
+CHUNKED_MIN_STEPS = 64
 
 
 def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, return_final_state=False,
@@ -17,17 +21,22 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, return
   Returns o with q's leading shape and DV last, in v's dtype ((B, T, H, DV) or (B, T, M, H, DV)),
   and S_T: (B, H, DK, DV) float32 if return_final_state.
 
-  implementation: "reference" (lax.scan), "recurrent" (fused recurrent Pallas kernels), or "auto":
-  the kernels on GPU, the reference elsewhere. Off GPU, "recurrent" runs the kernels in Pallas
-  interpret mode, which is how CI (CPU only) exercises them.
+  implementation: "reference" (lax.scan), "recurrent" (fused recurrent Pallas kernels), "chunked"
+  (chunked Pallas kernels), or "auto": on GPU the chunked kernels from CHUNKED_MIN_STEPS steps on and
+  the recurrent ones below; the reference elsewhere. Off GPU, "recurrent" and "chunked" run the
+  kernels in Pallas interpret mode, which is how CI (CPU only) exercises them.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
   checks.check_gla_args(q, k, v, g, initial_state)
   on_gpu = jax.default_backend() == "gpu"
   if implementation == "auto":
-    implementation = "recurrent" if on_gpu else "reference"
+    if not on_gpu:
+      implementation = "reference"
+    else:
+      implementation = "chunked" if k.shape[1] >= CHUNKED_MIN_STEPS else "recurrent"
   kwargs = dict(scale=scale, initial_state=initial_state, return_final_state=return_final_state)
   if implementation == "reference":
     return reference.gla_reference(q, k, v, g, **kwargs)
-  return gla_recurrent(q, k, v, g, interpret=not on_gpu, **kwargs)
+  kernel = gla_chunked if implementation == "chunked" else gla_recurrent
+  return kernel(q, k, v, g, interpret=not on_gpu, **kwargs)

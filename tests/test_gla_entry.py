@@ -22,7 +22,7 @@ def _rel_err(x, ref):
 
 
 @pytest.mark.parametrize("m", [None, 3])
-@pytest.mark.parametrize("implementation", ["auto", "reference", "recurrent"])
+@pytest.mark.parametrize("implementation", ["auto", "reference", "recurrent", "chunked"])
 def test_every_implementation_matches_reference(implementation, m):
   q, k, v, g, s0 = _inputs(np.random.default_rng(), m=m)
   o, s = gla.gated_linear_attention(q, k, v, g, initial_state=s0, return_final_state=True,
