@@ -164,3 +164,51 @@ def test_learns_a_cue_many_frames_back():
   assert np.all(np.isfinite(losses))
   assert losses[:10].mean() > 0.8 * np.log(classes)
   assert losses[-25:].mean() < 0.2 * np.log(classes), losses[::25]
+
+
+
+
+@functools.cache
+def _kernel_test_model(scan_impl):
+  """(model, jitted forward(params, features, mask), jitted (params, features, mask, weights) ->
+  (d sum(outputs * weights) / d params["memory"], outputs)) of a tiny model whose memory runs
+  scan_impl; DK = 12, which the kernels pad to 16. Only the memory's gradients are taken: all of
+  them pass through the scan's backward, and the processor's backward would double the compile."""
+  model = CLAM(_config(processor="gru", d_model=24, dropout=0.0, memory_layers=1,
+                       heads={"action": 13}, scan_impl=scan_impl))
+  apply = lambda params, features, mask: model.apply({"params": params}, features, mask,
+                                                     train=False)
+
+  def loss(memory_params, params, features, mask, weights):
+    out = apply({**params, "memory": memory_params}, features, mask)
+    return sum(jnp.vdot(o, w) for o, w in zip(jax.tree.leaves(out), jax.tree.leaves(weights))), out
+
+  return model, jax.jit(apply), jax.jit(jax.grad(loss, has_aux=True))
+
+
+@pytest.mark.parametrize("scan_impl, check_grads", [("recurrent", True), ("chunked", False)])
+def test_memory_kernels_give_the_reference_outputs(scan_impl, check_grads):
+  # The Pallas kernels run in interpret mode here. 70 steps are a chunk of 64 and a ragged rest;
+  # row 1 is left-padded by 23 frames, where the kernels must leave the state as it was.
+  rng = np.random.default_rng()
+  features, mask = _inputs(rng, 2, 70)
+  mask[1, :23] = False
+  model, _, reference = _kernel_test_model("reference")
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), features,
+                          mask)["params"]
+  params = jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+  weights = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                         jax.eval_shape(_kernel_test_model("reference")[1], params, features, mask))
+  ref_grads, ref = reference(params["memory"], params, features, mask, weights)
+  _, forward, grads = _kernel_test_model(scan_impl)
+  if check_grads:
+    out_grads, out = grads(params["memory"], params, features, mask, weights)
+    pairs = [(out, ref), (out_grads, ref_grads)]
+  else:
+    pairs = [(forward(params, features, mask), ref)]
+  for out, ref in pairs:
+    # Some gradients are 0 in exact arithmetic (attention key biases): a tolerance relative to
+    # the largest value of the tree keeps their rounding noise from failing the test.
+    scale = max(np.abs(r).max() for r in jax.tree.leaves(ref))
+    for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(x, r, rtol=1e-4, atol=1e-6 * scale)
