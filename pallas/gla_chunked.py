@@ -7,13 +7,16 @@ non-increasing), so the factor exp(b_t - b_s) linking query step t to key step s
 
 A matmul needs that factor split as exp(b_t - r) exp(r - b_s); both halves stay <= 1 (no overflow
 however negative the gates) only when r is b at a step between s and t. So query rows go in blocks
-of `sub_chunk` steps with r = b at the block's first step, which covers every earlier key; the
-keys after that first step but inside the block are done elementwise (none when a block is one
-step, the default for M >= 16). The key-side kernel does the same per key block of 16 steps, with
-r = b at the key block's last step for all the query blocks after it.
+of `sub_chunk` steps with r = b at the block's first step, which covers every earlier key (the
+key-side kernel does the same per key block of 16 steps, with r = b at the key block's last step
+for all the query blocks after it). A block of one step (the default for M >= 16) is then done.
+A longer block (M < 16) takes r = b at its last step instead, which covers its own keys too, when
+the gates decay by at most e^MAX_SPREAD across it: the query half is then <= e^MAX_SPREAD, far
+from overflow. Otherwise (gates near 0) the keys inside the block are done elementwise, one by one.
 
 q's M queries per step are flattened with time into rows (row r of a chunk belongs to step r // M),
-so a block of sub_chunk steps is sub_chunk * M rows; Triton's matmuls need >= 16.
+so a block of sub_chunk steps is sub_chunk * M rows; Triton's matmuls need >= 16, and more fill
+the tensor cores better (64 by default).
 
 Kernels (grids start with batch and head):
   _states   walks the chunks: h[n], the state at the start of chunk n, (B, H, NC, DK, DV), and S_T.
@@ -38,9 +41,25 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16: the least rows per query block and the key block.
 _MIN_DOT_DIM = 16
+# Rows per query block by default: fuller tensor-core matmuls than 16 rows, and with M = 1 a
+# whole chunk of 64 steps in one block.
+_QUERY_ROWS = 64
 _F32 = jnp.float32
 # dot_general contraction dims: a @ b, a @ b^T, a^T @ b.
 _NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
+# The largest log-gate decay across a query block for which one matmul with r = b at the block's
+# last step covers the block's own keys (module docstring): factors up to e^40 ~ 2e17 are exact
+# in bfloat16/TF32/float32 operands, whose exponent range ends at ~e^88.
+MAX_SPREAD = 40.0
+# (num_warps, num_stages) per kernel, from a sweep on an H200 (B = 64, T = 4096, H = 8,
+# DK = DV = 128, bfloat16; see benchmarks/RESULTS.md).
+LAUNCH = {
+    "gla_chunked_states": (8, 2),
+    "gla_chunked_output": (8, 2),
+    "gla_chunked_dstates": (4, 3),
+    "gla_chunked_dq": (4, 2),
+    "gla_chunked_dkv": (4, 3),
+}
 
 
 class _Config(NamedTuple):
@@ -50,8 +69,6 @@ class _Config(NamedTuple):
   chunk: int
   steps: int      # time steps per block of query rows (sub-chunk)
   block_v: int    # DV columns per program of the sequential kernels
-  num_warps: int
-  num_stages: int
   interpret: bool
 
 
@@ -90,6 +107,13 @@ def _query_block(i, b_ref, steps, m):
   return pl.ds(first * m, steps * m), first, b_steps, _rows(b_steps, m), b_ref[pl.ds(first, 1), :]
 
 
+def _block_end(b_ref, first, steps, r):
+  """b at a query block's last step (1, DK), and whether one matmul with it as r is safe (module
+  docstring): the block's gates decay by at most e^MAX_SPREAD."""
+  r_last = b_ref[pl.ds(first + steps - 1, 1), :]
+  return r_last, jnp.max((r - r_last).reshape(-1)) <= MAX_SPREAD
+
+
 def _inside_gate(b_steps, b_ref, s, m):
   """exp(b_t - b_s) for each row of a query block and key step s; 1 (masked later) where t < s."""
   return _rows(jnp.exp(jnp.minimum(b_steps - b_ref[pl.ds(s, 1), :], 0.0)), m)
@@ -125,10 +149,13 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, m, steps)
     rows, first, b_steps, b_q, r = _query_block(i, b_ref, steps, m)
     q = q_ref[rows, :].astype(_F32)
     o = _mm(q * jnp.exp(b_q), h, dtype, _NN)
-    a = _mm(q * jnp.exp(b_q - r), k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NT)
-    a = jnp.where(key <= first, a, 0.0)
-    if steps > 1:
+    scores = lambda r: _mm(q * jnp.exp(b_q - r), k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)),
+                           dtype, _NT)
+    if steps == 1:
+      a = jnp.where(key <= first, scores(r), 0.0)
+    else:
       t_q = _row_steps(first, steps, m)
+      r_last, one_matmul = _block_end(b_ref, first, steps, r)
 
       def inside(u, a):
         s = first + u
@@ -136,7 +163,9 @@ def _output_kernel(q_ref, k_ref, v_ref, b_ref, h_ref, o_ref, *, scale, m, steps)
                       axis=1, keepdims=True)
         return jnp.where(key == s, jnp.where(t_q >= s, col, 0.0), a)
 
-      a = lax.fori_loop(1, steps, inside, a)
+      a = lax.cond(one_matmul,
+                   lambda: jnp.where(key <= t_q, scores(r_last), 0.0),
+                   lambda: lax.fori_loop(1, steps, inside, jnp.where(key <= first, scores(r), 0.0)))
     o += _mm(a, v, dtype, _NN)
     o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
     return carry
@@ -194,16 +223,23 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, b_ref, h_ref, dh_ref, dq_ref, dbq_re
     t_q = _row_steps(first, steps, m)
     da_all = _mm(do, v, dtype, _NT)
     da = jnp.where(key < t_q, da_all, 0.0)
+    from_keys = lambda da, r: jnp.exp(b_q - r) * _mm(
+        da, k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NN)
     dq = jnp.exp(b_q) * _mm(do, h, dtype, _NT)
-    dq += jnp.exp(b_q - r) * _mm(jnp.where(key <= first, da, 0.0),
-                                 k.astype(_F32) * jnp.exp(jnp.minimum(r - b, 0.0)), dtype, _NN)
-    if steps > 1:
+    if steps == 1:
+      dq += from_keys(jnp.where(key <= first, da, 0.0), r)
+    else:
+      r_last, one_matmul = _block_end(b_ref, first, steps, r)
+
       def inside(u, dq):
         s = first + u
         col = jnp.sum(jnp.where(key == s, da, 0.0), axis=1, keepdims=True)
         return dq + col * k_ref[pl.ds(s, 1), :].astype(_F32) * _inside_gate(b_steps, b_ref, s, m)
 
-      dq = lax.fori_loop(1, steps, inside, dq)
+      dq += lax.cond(one_matmul,
+                     lambda: from_keys(da, r_last),
+                     lambda: lax.fori_loop(1, steps, inside,
+                                           from_keys(jnp.where(key <= first, da, 0.0), r)))
     dbq = scale * _sum_rows(q_ref[rows, :].astype(_F32) * dq, m)
     last = _row_steps(first, steps, 1) == chunk - 1
     dbq_ref[pl.ds(first, steps), :] = dbq + jnp.where(last, start_state_term, 0.0)
@@ -218,7 +254,8 @@ def _dq_kernel(q_ref, do_ref, k_ref, v_ref, b_ref, h_ref, dh_ref, dq_ref, dbq_re
 def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_ref, dbe_ref, *,
                 scale, m, steps, block_k):
   """Refs of one chunk: q, do (C*M, DK | DV), k, b (C, DK), v (C, DV), dh = dL/d(chunk-end state)
-  (DK, DV); for key block j = program_id(3), keys J = [j, j+1) * block_k, writes dk, dv and the
+  (DK, DV); for key block j = program_id(3), keys J = [j, j+1) * block_k (block_k a multiple of
+  the query blocks' steps), writes dk, dv and the
   key side of the log-gate gradient: dbk from the chunk's queries, dbe from its end state (see
   `_gla_bwd`).
 
@@ -258,14 +295,20 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
     rows, first, b_steps, b_q, r = _query_block(i, b_ref, steps, m)
     q, do = q_ref[rows, :].astype(_F32), do_ref[rows, :]
     t_q = _row_steps(first, steps, m)
-    q_gated = q * jnp.exp(b_q - r)
-    k_gate = jnp.exp(jnp.minimum(r - b_k, 0.0))
-    a = jnp.where(key <= first, _mm(q_gated, k * k_gate, dtype, _NT), 0.0)
     da_all = scale * _mm(do, v, dtype, _NT)
     da = jnp.where(key < t_q, da_all, 0.0)
-    dk += k_gate * _mm(jnp.where(key <= first, da, 0.0), q_gated, dtype, _TN)
     dk_same += _mm(jnp.where(key == t_q, da_all, 0.0), q, dtype, _TN)
-    if steps > 1:
+
+    def by_matmul(r, last_key):
+      """(a, dk) over the keys up to last_key (per row) with the split at r."""
+      q_gated = q * jnp.exp(b_q - r)
+      k_gate = jnp.exp(jnp.minimum(r - b_k, 0.0))
+      a = jnp.where(key <= last_key, _mm(q_gated, k * k_gate, dtype, _NT), 0.0)
+      return a, dk + k_gate * _mm(jnp.where(key <= last_key, da, 0.0), q_gated, dtype, _TN)
+
+    if steps == 1:
+      a, dk = by_matmul(r, first)
+    else:
       def inside(u, carry):
         a, dk = carry
         s = first + u
@@ -276,7 +319,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
         return (jnp.where(key == s, jnp.where(t_q >= s, col, 0.0), a),
                 jnp.where(key_col == s, dk + dk_row, dk))
 
-      a, dk = lax.fori_loop(1, steps, inside, (a, dk))
+      r_last, one_matmul = _block_end(b_ref, first, steps, r)
+      a, dk = lax.cond(one_matmul, lambda: by_matmul(r_last, t_q),
+                       lambda: lax.fori_loop(1, steps, inside, by_matmul(r, first)))
     return dk, dk_same, dv + scale * _mm(a, do, dtype, _TN)
 
   dk, dk_same, dv = lax.fori_loop(first_block, first_block + blocks_per_key_block, near,
@@ -293,9 +338,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
+  num_warps, num_stages = LAUNCH[name]
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=cfg.interpret, name=name)
 
 
@@ -381,7 +427,7 @@ def _dkv(q, k, v, b, do, dh, cfg):
   float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
-  block_k = _MIN_DOT_DIM
+  block_k = max(_MIN_DOT_DIM, cfg.steps)  # whole query blocks per key block
   key_spec = lambda d: pl.BlockSpec((None, block_k, None, d),
                                     lambda b, h, n, j: (b, n * (c // block_k) + j, h, 0))
   kernel = functools.partial(_dkv_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.steps,
@@ -452,8 +498,7 @@ def _pad_to(x, shape):
 
 
 def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_state=False,
-                chunk_size=64, sub_chunk=None, block_v=32, num_warps=8, num_stages=2,
-                interpret=False):
+                chunk_size=64, sub_chunk=None, block_v=128, interpret=False):
   """Gated linear attention by chunked Pallas kernels (differentiable).
 
   S_t = diag(exp g_t) S_{t-1} + k_t^T v_t;  o_t[m] = scale * q_t[m] S_t.
@@ -463,10 +508,11 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   (B, H, DK, DV) float32 if return_final_state.
 
   chunk_size: time steps per chunk (a power of two >= 16); sub_chunk: time steps per block of
-  query rows (a power of two <= 16 with sub_chunk * M >= 16; default max(1, 16 // M), the least);
+  query rows (a power of two <= chunk_size with sub_chunk * M >= 16; default 64 rows,
+  min(chunk_size, max(1, 64 // M)) steps);
   block_v: DV columns of the state per program of the two kernels that walk the chunks (a power
-  of two >= 16, capped at DV); num_warps, num_stages: Triton's; interpret: run in Pallas interpret
-  mode (CPU).
+  of two >= 16, capped at DV); interpret: run in Pallas interpret mode (CPU). Triton's launch
+  parameters per kernel are in LAUNCH.
   T is zero-padded to a multiple of chunk_size and M, DK, DV to powers of two (DK, DV >= 16), which
   leaves S unchanged. Matmuls run in the inputs' dtype (bfloat16, or float32 at TF32 on GPU) with
   float32 accumulation. States are carried in float32; the chunk-boundary states and their
@@ -482,15 +528,15 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   mp = pl.next_power_of_2(m)
-  sub_chunk = max(1, _MIN_DOT_DIM // mp) if sub_chunk is None else sub_chunk
-  if sub_chunk > _MIN_DOT_DIM or sub_chunk * mp < _MIN_DOT_DIM or sub_chunk & (sub_chunk - 1):
-    raise ValueError(f"sub_chunk must be a power of two <= {_MIN_DOT_DIM} with sub_chunk * M >= "
-                     f"{_MIN_DOT_DIM} (M = {m}, padded to {mp}), got {sub_chunk}")
+  if sub_chunk is None:
+    sub_chunk = min(chunk_size, max(1, _QUERY_ROWS // mp))
+  if sub_chunk > chunk_size or sub_chunk * mp < _MIN_DOT_DIM or sub_chunk & (sub_chunk - 1):
+    raise ValueError(f"sub_chunk must be a power of two <= chunk_size = {chunk_size} with "
+                     f"sub_chunk * M >= {_MIN_DOT_DIM} (M = {m}, padded to {mp}), got {sub_chunk}")
   dkp, dvp = (max(_MIN_DOT_DIM, pl.next_power_of_2(n)) for n in (dk, dv))
   tp = -(-t // chunk_size) * chunk_size
   cfg = _Config(m=mp, scale=float(scale), chunk=chunk_size, steps=sub_chunk,
-                block_v=min(block_v, dvp), num_warps=num_warps, num_stages=num_stages,
-                interpret=interpret)
+                block_v=min(block_v, dvp), interpret=interpret)
   s0 = (jnp.zeros((bsz, nh, dkp, dvp), _F32) if initial_state is None
         else _pad_to(initial_state.astype(_F32), (bsz, nh, dkp, dvp)))
   o, s_t = _gla(_pad_to(q, (bsz, tp, mp, nh, dkp)).reshape(bsz, tp * mp, nh, dkp),
