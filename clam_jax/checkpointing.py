@@ -7,8 +7,15 @@ Each step directory holds three items:
 The manager keeps the latest step and the `keep` best steps by an evaluation metric. Before anything
 is restored, the checkpoint's parameter shapes are compared with the model's, so a workdir written
 by another config fails with one line naming the first parameter that differs.
+
+A killed run loses at most the steps since its last checkpoint. Orbax writes each step into
+<step>.orbax-checkpoint-tmp and renames it when complete, so a kill during a write leaves the
+previous checkpoints readable and a temporary folder that the next training run's manager deletes.
+Only one process at a time may train in a workdir (`workdir_lock`).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 
@@ -24,20 +31,49 @@ class CheckpointMismatchError(ValueError):
   """The checkpoints in a workdir do not fit the model the config describes."""
 
 
+class WorkdirBusyError(RuntimeError):
+  """Another process is training in the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds an exclusive lock on workdir (created if absent) for the duration of a with-block.
+
+  Raises WorkdirBusyError at once if another process holds it. The lock is flock(2) on the folder
+  itself, so there is no lock file to go stale: the kernel releases it when its holder exits, even
+  by SIGKILL. flock is not reliable on network file systems.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(workdir, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise WorkdirBusyError(
+        f"{os.path.abspath(workdir)} is in use by another training process; wait for it to "
+        f"finish, or give this run another --workdir") from None
+  try:
+    yield
+  finally:
+    os.close(fd)
+
+
 def checkpoint_manager(workdir, *, best_metric, best_mode="max", keep=1, create=True):
   """The run's CheckpointManager over workdir/checkpoints.
 
   best_metric: key of the metrics dict given to `save` that ranks checkpoints; best_mode: "max"
   (higher is better) or "min"; keep: how many best checkpoints survive besides the latest one.
   create: False to read an existing run (evaluation): the folder must exist. A manager deletes
-  checkpoints only when it saves, so one that never saves leaves them as they are.
+  checkpoints only when it saves, so one that never saves leaves them as they are. A manager with
+  create=True (a training run, which holds `workdir_lock`) deletes the temporary folders of writes
+  that a killed run left unfinished; evaluation must not, as they may be a live run's.
   """
   if best_mode not in ("max", "min"):
     raise ValueError(f"best_mode must be 'max' or 'min'; got {best_mode!r}")
   sign = 1.0 if best_mode == "max" else -1.0
   best_fn = lambda metrics: sign * metrics[best_metric]
   options = ocp.CheckpointManagerOptions(
-      best_fn=best_fn, best_mode="max", create=create,
+      best_fn=best_fn, best_mode="max", create=create, cleanup_tmp_directories=create,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy([
           checkpoint_managers.LatestN(n=1),
           checkpoint_managers.BestN(get_metric_fn=best_fn, n=keep,
@@ -115,8 +151,16 @@ def restore_params(manager, step, abstract_params):
 
 def write_config(workdir, config):
   """Writes the run's config to workdir/config.json (read back by `config_differences`)."""
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  write_atomically(os.path.join(workdir, CONFIG_FILE),
+                   config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def write_atomically(path, text):
+  """Writes text to path through a temporary file and a rename: a kill leaves the old file or the
+  new one, never a part."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
 
 
 def config_differences(workdir, config, section="model"):

@@ -34,6 +34,7 @@ import optax
 import tensorboardX
 import tqdm
 from absl import app
+from absl import logging
 from flax.training import train_state
 
 from clam_jax import checkpointing
@@ -47,6 +48,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 class ConfigError(ValueError):
   """A config field has a value this code cannot run with."""
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step had a NaN or Inf loss or gradient (config.train.on_nonfinite="stop")."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +157,9 @@ def train_step(state, batch, dropout_key, *, loss_config):
 
   batch: model_inputs(...) with leading axis B; dropout_key: a base PRNG key, folded with the step
   so a resumed run draws the same masks. Returns (new state, {"loss", "future/*", "past/*",
-  "grad_norm"} device scalars).
+  "grad_norm", "finite"} device scalars). When the loss or a gradient is NaN or Inf ("finite" is
+  False) the new state keeps the old params and optimizer state, only its step advances: the bad
+  batch changes nothing, and the loop decides whether to stop or go on (config.train.on_nonfinite).
   """
   key = jax.random.fold_in(dropout_key, state.step)
 
@@ -161,9 +168,15 @@ def train_step(state, batch, dropout_key, *, loss_config):
                              rngs={"dropout": key})
     return compute_loss(outputs, batch, loss_config)
 
-  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   parts["grad_norm"] = optax.global_norm(grads)
-  return state.apply_gradients(grads=grads), parts
+  # The global norm is NaN or Inf if any gradient is. (optax.apply_if_finite would change the
+  # optimizer state's structure, and lets updates through after max_consecutive_errors.)
+  parts["finite"] = jnp.isfinite(loss) & jnp.isfinite(parts["grad_norm"])
+  new_state = state.apply_gradients(grads=grads)
+  keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, parts["finite"]), new, old)
+  return new_state.replace(params=keep(new_state.params, state.params),
+                           opt_state=keep(new_state.opt_state, state.opt_state)), parts
 
 
 def predict_step(params, batch, *, apply_fn):
@@ -267,12 +280,13 @@ class MetricWriter:
 
   def __init__(self, workdir, resume_step):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    # Lines an interrupted run wrote after its last checkpoint would repeat after resuming.
+    # Lines an interrupted run wrote after its last checkpoint would repeat after resuming; a run
+    # killed while writing a line leaves it without its newline.
     if os.path.exists(self.path):
       with open(self.path) as f:
-        kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+        kept = [line for line in f
+                if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
+      checkpointing.write_atomically(self.path, "".join(kept))
     self.tensorboard = tensorboardX.SummaryWriter(logdir=workdir)
 
   def write(self, step, scalars):
@@ -329,6 +343,7 @@ def plot_training_curves(workdir):
 
 
 SUPPORTED_DATA = ("ek100", "synthetic")
+ON_NONFINITE = ("stop", "skip")
 
 
 def check_config(config):
@@ -353,8 +368,11 @@ def check_config(config):
   devices = jax.device_count()
   for field, size in (("data.batch_size", config.data.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
-    if size % devices:
-      raise ConfigError(f"{field}={size} must be a multiple of the {devices} devices")
+    if size < 1 or size % devices:
+      raise ConfigError(f"{field}={size} must be a positive multiple of the {devices} devices")
+  if config.train.on_nonfinite not in ON_NONFINITE:
+    raise ConfigError(f"train.on_nonfinite: expected one of {ON_NONFINITE}, found "
+                      f"{config.train.on_nonfinite!r}")
 
 
 def prepare_data_config(config, workdir):
@@ -383,9 +401,17 @@ def train_and_evaluate(config, workdir):
 
   Resumes from the latest checkpoint in workdir/checkpoints (same step, same next batch). Returns
   the evaluation metrics of the final step ({"overall/<head>": top-5 recall %}), also when the
-  run had already finished.
+  run had already finished. Raises checkpointing.WorkdirBusyError if another process trains in
+  workdir. A step with a NaN or Inf loss or gradient raises NonFiniteError naming it and its
+  batch before anything after it is evaluated or checkpointed, or, with
+  config.train.on_nonfinite="skip", changes nothing and is logged (train_step, _train_scalars).
   """
   check_config(config)
+  with checkpointing.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir):
   parallel = Parallel()
   model = model_lib.CLAM(config.model)
   prepare_data_config(config, workdir)
@@ -404,7 +430,6 @@ def train_and_evaluate(config, workdir):
   init = functools.partial(create_train_state, model, tx, example_inputs(source))
   abstract_state = parallel.abstract(jax.eval_shape(init, init_rng))
 
-  os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.checkpoint_manager(
       workdir, best_metric=config.eval.best_metric, best_mode=config.eval.best_mode,
       keep=config.train.keep)
@@ -413,6 +438,7 @@ def train_and_evaluate(config, workdir):
   if start:
     checkpointing.check_params(manager, start, abstract_state.params, config)
     state = checkpointing.restore(manager, start, abstract_state, train_iter)
+    tqdm.tqdm.write(f"resuming from step {start} ({manager.directory})")
   else:
     state = jax.jit(init, out_shardings=parallel.replicated)(init_rng)
   state = state.replace(step=jax.device_put(jnp.asarray(start, jnp.int32), parallel.replicated))
@@ -425,17 +451,21 @@ def train_and_evaluate(config, workdir):
   eval_every = _every(config.train.eval_every_epochs, steps_per_epoch)
   checkpoint_every = _every(config.train.checkpoint_every_epochs, steps_per_epoch)
   eval_metrics = last_eval_metrics(workdir)
-  pending, last_log = [], (start, time.perf_counter())
+  pending, last_log, last_saved = [], (start, time.perf_counter()), start
   try:
     with tqdm.tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
       for step in range(start + 1, total_steps + 1):
-        batch = parallel.shard_batch(model_inputs(next(train_iter)))
-        state, step_metrics = step_fn(state, batch, dropout_key)
-        pending.append(step_metrics)
+        batch = next(train_iter)
+        state, step_metrics = step_fn(state, parallel.shard_batch(model_inputs(batch)),
+                                      dropout_key)
+        pending.append((step, batch["sample_id"], step_metrics))
         bar.update()
-        if step % log_every == 0 or step == total_steps:
-          fetched = jax.device_get(pending)
-          scalars = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        evaluate_now = step % eval_every == 0 or step == total_steps
+        save_now = evaluate_now or step % checkpoint_every == 0
+        # Checkpoints close a logging window: every step is checked before anything after it is
+        # saved, and a resumed run averages over the same windows as an uninterrupted one.
+        if save_now or step % log_every == 0:
+          scalars = _train_scalars(pending, config.train.on_nonfinite, last_saved)
           now = time.perf_counter()
           scalars["train/lr"] = float(schedule(step - 1))
           scalars["train/examples_per_sec"] = (
@@ -444,7 +474,6 @@ def train_and_evaluate(config, workdir):
           bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
                           ex_s=f"{scalars['train/examples_per_sec']:.0f}")
           pending, last_log = [], (step, now)
-        evaluate_now = step % eval_every == 0 or step == total_steps
         paused = time.perf_counter()
         if evaluate_now:
           eval_metrics = compute_metrics(
@@ -452,9 +481,10 @@ def train_and_evaluate(config, workdir):
           writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
           plot_training_curves(workdir)
           bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
-        if evaluate_now or step % checkpoint_every == 0:
+        if save_now:
           checkpointing.save(manager, step, state, train_iter,
                              eval_metrics if evaluate_now else None)
+          last_saved = step
         # Throughput counts training only.
         last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)
   finally:
@@ -462,6 +492,34 @@ def train_and_evaluate(config, workdir):
     manager.close()
     writer.close()
   return eval_metrics
+
+
+def _train_scalars(pending, on_nonfinite, last_saved):
+  """Mean training scalars {"train/<name>": float} of the steps since the last log, each checked.
+
+  pending: [(step, sample ids (B,), train_step's device metrics)]. A step whose loss or gradient
+  is NaN or Inf raises NonFiniteError naming it and its batch if on_nonfinite is "stop"
+  (last_saved: the step of the latest checkpoint, 0 for none); with "skip" it is logged, left out
+  of the means and counted in "train/skipped_steps".
+  """
+  fetched = jax.device_get([metrics for _, _, metrics in pending])
+  skipped = 0
+  for (step, sample_ids, _), metrics in zip(pending, fetched):
+    if metrics["finite"]:
+      continue
+    message = (f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']} on the "
+               f"batch of sample ids {sample_ids.tolist()}")
+    if on_nonfinite == "stop":
+      kept = f"its latest checkpoint is step {last_saved}" if last_saved else "no checkpoint"
+      raise NonFiniteError(f"{message}; training stopped, {kept} "
+                           f"(--config.train.on_nonfinite=skip skips such steps)")
+    logging.warning("%s: skipped (config.train.on_nonfinite='skip')", message)
+    skipped += 1
+  rows = [metrics for metrics in fetched if metrics["finite"]] or fetched
+  scalars = {f"train/{k}": float(np.mean([m[k] for m in rows])) for k in rows[0] if k != "finite"}
+  if skipped:
+    scalars["train/skipped_steps"] = skipped
+  return scalars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +630,8 @@ def plot_per_class_recall(predictions, path):
 # Command line
 
 
-USER_ERRORS = (ConfigError, checkpointing.CheckpointMismatchError, FileNotFoundError)
+USER_ERRORS = (ConfigError, NonFiniteError, checkpointing.CheckpointMismatchError,
+               checkpointing.WorkdirBusyError, FileNotFoundError)
 
 
 def parse_flags(argv):

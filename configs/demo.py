@@ -65,7 +65,9 @@ def get_config():
       label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=8, log_every_steps=10, eval_every_epochs=2.0, checkpoint_every_epochs=2.0,
-      keep=1))
+      keep=1,
+      # NaN/Inf loss or gradient: "stop" (exit naming the step and batch) or "skip" the step.
+      on_nonfinite="stop"))
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=64, best_metric="overall/action", best_mode="max",
       subsets_dir=""))

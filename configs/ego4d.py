@@ -68,7 +68,9 @@ def get_config():
       weights={"verb": 1.0, "noun": 1.0}, past_loss_weight=1.0, label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=15, log_every_steps=50, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
-      keep=1))
+      keep=1,
+      # NaN/Inf loss or gradient: "stop" (exit naming the step and batch) or "skip" the step.
+      on_nonfinite="stop"))
   config.eval = ml_collections.ConfigDict(dict(
       split="val", batch_size=128, best_metric="edit_distance/action", best_mode="min",
       subsets_dir=""))

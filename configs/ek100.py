@@ -75,7 +75,9 @@ def get_config():
       label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=50, log_every_steps=50, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
-      keep=1))
+      keep=1,
+      # NaN/Inf loss or gradient: "stop" (exit naming the step and batch) or "skip" the step.
+      on_nonfinite="stop"))
   config.eval = ml_collections.ConfigDict(dict(
       split="validation", batch_size=256, best_metric="overall/action", best_mode="max",
       subsets_dir=annotations))  # EPIC_100_unseen_participant_ids_*, EPIC_100_tail_*

@@ -65,7 +65,9 @@ def get_config():
       weights={"action": 1.0}, past_loss_weight=1.0, label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=40, log_every_steps=50, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
-      keep=1))
+      keep=1,
+      # NaN/Inf loss or gradient: "stop" (exit naming the step and batch) or "skip" the step.
+      on_nonfinite="stop"))
   config.eval = ml_collections.ConfigDict(dict(
       split="test", batch_size=1, best_metric="map/detection", best_mode="max",
       subsets_dir=""))
