@@ -64,7 +64,7 @@ def make_inputs(key, b, t, m, dtype):
   return q, k, v, g.astype(dtype)
 
 
-def bench(fn, args, reps=20, budget_s=3.0):
+def bench(fn, args, reps=20, budget_s=1.5):
   """Median wall time (ms) of a jitted fn after warm-up; stops early after budget_s."""
   out = fn(*args)
   jax.block_until_ready(out)
@@ -137,6 +137,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--json", default="kernels.json", help="where to write all rows")
   parser.add_argument("--quick", action="store_true", help="B=8, T in {128, 512} only")
+  parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 64],
+                      help="B values (default: 8 64; the full table in two calls: see RESULTS.md)")
+  parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 4096],
+                      help="T values (default: 128 512 4096)")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
@@ -147,8 +151,8 @@ def main():
   rows.append(dict(kind="copy", bytes_per_s=bw))
   fla = fla_benchmarks()
   table = []
-  for b in ((8,) if args.quick else (8, 64)):
-    for t in ((128, 512) if args.quick else (128, 512, 4096)):
+  for b in ((8,) if args.quick else args.batch_sizes):
+    for t in ((128, 512) if args.quick else args.lengths):
       for m in (1, 16):
         q, k, v, g = make_inputs(jax.random.PRNGKey(b * t + m), b, t, m, dtype)
         w = jax.random.normal(jax.random.PRNGKey(0), (b, t, m, H, DV), jnp.float32)

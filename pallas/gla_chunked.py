@@ -16,7 +16,7 @@ from overflow. Otherwise (gates near 0) the keys inside the block are done eleme
 
 q's M queries per step are flattened with time into rows (row r of a chunk belongs to step r // M),
 so a block of sub_chunk steps is sub_chunk * M rows; Triton's matmuls need >= 16, and more fill
-the tensor cores better (64 by default).
+the tensor cores better (128 by default in the output kernel; 16 in the backward, faster there).
 
 Kernels (grids start with batch and head):
   _states   walks the chunks: h[n], the state at the start of chunk n, (B, H, NC, DK, DV), and S_T.
@@ -41,9 +41,9 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16: the least rows per query block and the key block.
 _MIN_DOT_DIM = 16
-# Rows per query block by default: fuller tensor-core matmuls than 16 rows, and with M = 1 a
-# whole chunk of 64 steps in one block.
-_QUERY_ROWS = 64
+# Rows per query block of the output kernel by default (up to a whole chunk): fuller tensor-core
+# matmuls than 16 rows. The backward's query-side kernels run fastest with 16 (H200 sweep).
+_QUERY_ROWS = 128
 _F32 = jnp.float32
 # dot_general contraction dims: a @ b, a @ b^T, a^T @ b.
 _NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
@@ -56,8 +56,8 @@ MAX_SPREAD = 40.0
 LAUNCH = {
     "gla_chunked_states": (8, 2),
     "gla_chunked_output": (8, 2),
-    "gla_chunked_dstates": (4, 3),
-    "gla_chunked_dq": (4, 2),
+    "gla_chunked_dstates": (8, 3),
+    "gla_chunked_dq": (4, 3),
     "gla_chunked_dkv": (4, 3),
 }
 
@@ -67,7 +67,8 @@ class _Config(NamedTuple):
   m: int          # queries per step, a power of two
   scale: float
   chunk: int
-  steps: int      # time steps per block of query rows (sub-chunk)
+  steps: int      # time steps per block of query rows in the output kernel (sub-chunk)
+  bwd_steps: int  # the same in the dq and dkv kernels
   block_v: int    # DV columns per program of the sequential kernels
   interpret: bool
 
@@ -397,7 +398,7 @@ def _dstates(q, do, b, ds_t, cfg):
   state_spec = pl.BlockSpec((None, None, dk, bv), lambda b, h, j: (b, h, 0, j))
   # Nothing causal here, so the row blocks can be larger than the query blocks: 64 rows (or one
   # step if M > 64), for fuller matmuls.
-  steps = min(cfg.chunk, max(cfg.steps, 64 // cfg.m))
+  steps = min(cfg.chunk, max(cfg.bwd_steps, 64 // cfg.m))
   kernel = functools.partial(_dstates_kernel, scale=cfg.scale, m=cfg.m, steps=steps)
   return _call(
       kernel, cfg, (bsz, nh, dv // bv),
@@ -412,7 +413,7 @@ def _dq(q, do, k, v, b, h, dh, cfg):
   """-> dq (B, Tp*M, H, DK) in q's dtype and dbq (B, Tp, H, DK) float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
-  kernel = functools.partial(_dq_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.steps)
+  kernel = functools.partial(_dq_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.bwd_steps)
   return _call(
       kernel, cfg, (bsz, nh, tp // c),
       [_chunk_spec(rows, dk), _chunk_spec(rows, dv), _chunk_spec(c, dk), _chunk_spec(c, dv),
@@ -427,10 +428,10 @@ def _dkv(q, k, v, b, do, dh, cfg):
   float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
-  block_k = max(_MIN_DOT_DIM, cfg.steps)  # whole query blocks per key block
+  block_k = max(_MIN_DOT_DIM, cfg.bwd_steps)  # whole query blocks per key block
   key_spec = lambda d: pl.BlockSpec((None, block_k, None, d),
                                     lambda b, h, n, j: (b, n * (c // block_k) + j, h, 0))
-  kernel = functools.partial(_dkv_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.steps,
+  kernel = functools.partial(_dkv_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.bwd_steps,
                              block_k=block_k)
   return _call(
       kernel, cfg, (bsz, nh, tp // c, c // block_k),
@@ -508,8 +509,8 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   (B, H, DK, DV) float32 if return_final_state.
 
   chunk_size: time steps per chunk (a power of two >= 16); sub_chunk: time steps per block of
-  query rows (a power of two <= chunk_size with sub_chunk * M >= 16; default 64 rows,
-  min(chunk_size, max(1, 64 // M)) steps);
+  query rows in the output kernel (a power of two <= chunk_size with sub_chunk * M >= 16; default
+  128 rows, min(chunk_size, max(1, 128 // M)) steps; the backward takes blocks of 16 rows);
   block_v: DV columns of the state per program of the two kernels that walk the chunks (a power
   of two >= 16, capped at DV); interpret: run in Pallas interpret mode (CPU). Triton's launch
   parameters per kernel are in LAUNCH.
@@ -536,6 +537,7 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   dkp, dvp = (max(_MIN_DOT_DIM, pl.next_power_of_2(n)) for n in (dk, dv))
   tp = -(-t // chunk_size) * chunk_size
   cfg = _Config(m=mp, scale=float(scale), chunk=chunk_size, steps=sub_chunk,
+                bwd_steps=min(sub_chunk, max(1, _MIN_DOT_DIM // mp)),
                 block_v=min(block_v, dvp), interpret=interpret)
   s0 = (jnp.zeros((bsz, nh, dkp, dvp), _F32) if initial_state is None
         else _pad_to(initial_state.astype(_F32), (bsz, nh, dkp, dvp)))
