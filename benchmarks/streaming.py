@@ -208,8 +208,8 @@ def measure_clam(fns, params, params_bf16, state_t, b, t, frame, frames, reps):
       lambda c: fns["step"](params_bf16, c[0], frame), (copy(state_t), None), calls, warmup)
   ref = fns["step"](params, copy(state_t), frame)[1]
   out = fns["step"](params_bf16, copy(state_t), frame)[1]
-  row["bf16_kernels_max_abs_diff"] = max(float(jnp.abs(x - r).max())
-                                         for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+  row["bf16_kernels_max_abs_diff"] = max(
+      float(jnp.abs(x - r).max()) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
   row["parts_ms"] = {}
 
   def part(name, call):
