@@ -210,8 +210,8 @@ def measure_step(setup, args, bandwidth, with_costs=True):
   if setup.step is None:
     setup.compile()
   seconds = setup.time_steps(args.steps, args.repeats)
-  row = {"dtype": setup.config.model.dtype, "devices": len(setup.parallel.mesh.devices), "global_batch": setup.batch_size,
-         "compile_s": setup.compile_s, "step_ms": 1e3 * seconds,
+  row = {"dtype": setup.config.model.dtype, "devices": len(setup.parallel.mesh.devices),
+         "global_batch": setup.batch_size, "compile_s": setup.compile_s, "step_ms": 1e3 * seconds,
          "samples_per_s": setup.batch_size / seconds,
          "epoch_s": EPOCH_SAMPLES / setup.batch_size * seconds}
   if with_costs:
@@ -242,8 +242,9 @@ def dataset_config(config, root, batches):
   return data
 
 
-def time_loader(data, workers, batches):
-  """(samples/s over `batches` batches after the first two, seconds to the first batch)."""
+def time_loader(data, workers, batches, budget_s=15.0):
+  """(samples/s over up to `batches` batches after the first two (fewer once budget_s has passed,
+  at least 2), seconds to the first batch)."""
   start = time.perf_counter()
   iterator = iter(pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
                                        worker_count=workers))
@@ -251,9 +252,11 @@ def time_loader(data, workers, batches):
   first = time.perf_counter() - start
   next(iterator)
   start = time.perf_counter()
-  for _ in range(batches):
+  for count in range(1, batches + 1):
     next(iterator)
-  rate = batches * data.batch_size / (time.perf_counter() - start)
+    if count >= 2 and time.perf_counter() - start > budget_s:
+      break
+  rate = count * data.batch_size / (time.perf_counter() - start)
   if workers:
     iterator.close()
   return rate, first
@@ -554,7 +557,7 @@ def main():
   parser.add_argument("--devices", type=int, default=None,
                       help="devices for the scaling part (default: all local devices)")
   parser.add_argument("--workers", default=None,
-                      help="loader worker counts, comma-separated (default 0,8; --quick 0,2); "
+                      help="loader worker counts, comma-separated (default 0,8,16; --quick 0,2); "
                            "the pipeline part uses the largest")
   parser.add_argument("--data-dir", default=None,
                       help="folder for the temporary dataset (default: the system temp dir)")
@@ -569,7 +572,7 @@ def main():
                                "level=0 --xla_llvm_disable_expensive_passes=true")
   local = jax.local_devices()  # the backend starts here, after XLA_FLAGS is final
   args.devices = local[:args.devices] if args.devices else local
-  args.workers = [int(w) for w in (args.workers or ("0,2" if args.quick else "0,8")).split(",")]
+  args.workers = [int(w) for w in (args.workers or ("0,2" if args.quick else "0,8,16")).split(",")]
   args.steps, args.repeats = (2, 2) if args.quick else (5, 3)
   args.loader_batches = 3 if args.quick else 12
 
