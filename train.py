@@ -7,9 +7,14 @@ Usage:
 --config is a Python file whose get_config() returns an ml_collections ConfigDict (configs/*.py);
 any of its fields can be overridden with --config.<field>=<value>, e.g. --config.data.batch_size=64
 or --config.model.d_model=512. Rerunning with the same --workdir resumes from its latest checkpoint
-(same step, same next batch). The workdir gets: config.json, checkpoints/ (the latest and the best
-by config.eval.best_metric), metrics.jsonl, TensorBoard event files (tensorboard --logdir WORKDIR)
-and training_curves.png. Evaluate afterwards with evaluate.py.
+(same step, same next batch), also after a kill; a second train.py on a workdir in use exits with an
+error. The workdir gets: config.json, checkpoints/ (the latest and the best by
+config.eval.best_metric), metrics.jsonl, TensorBoard event files (tensorboard --logdir WORKDIR) and
+training_curves.png. Evaluate afterwards with evaluate.py.
+
+A NaN or Inf loss or gradient stops the run with exit status 1, naming the step and its batch's
+sample ids; the checkpoints hold only earlier steps. --config.train.on_nonfinite=skip skips such
+steps instead (logged as warnings and as train/skipped_steps).
 """
 
 import sys

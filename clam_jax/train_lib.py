@@ -169,7 +169,7 @@ def train_step(state, batch, dropout_key, *, loss_config):
     return compute_loss(outputs, batch, loss_config)
 
   (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  parts["grad_norm"] = optax.global_norm(grads)
+  parts["grad_norm"] = optax.tree.norm(grads)
   # The global norm is NaN or Inf if any gradient is. (optax.apply_if_finite would change the
   # optimizer state's structure, and lets updates through after max_consecutive_errors.)
   parts["finite"] = jnp.isfinite(loss) & jnp.isfinite(parts["grad_norm"])

@@ -1,11 +1,12 @@
 """Reliability of training runs: SIGKILL and resume, a kill during a checkpoint write, two processes
 on one workdir, and the NaN/Inf guard.
 
-Every run is a real train.py process on configs/demo.py shrunk by command-line overrides (TINY:
-128 training segments, batches of 24, 10 steps over 2 epochs, checkpoints every 2 steps and at the
-evaluations of steps 5 and 10). The processes share a persistent compilation cache, so only the
-first ones compile. A process that must die at a known point runs train.py under `_hooked_train`,
-whose hooks stall it there until the test kills it; every restart is the plain command.
+Every run is a real train.py process on configs/demo.py shrunk by command-line overrides (TINY,
+and a batch size of a fifth of the training segments: 10 steps over 2 epochs, checkpoints every
+2 steps and at the evaluations of steps 5 and 10). The processes share a persistent compilation
+cache, so only the first one compiles. A process that must die at a known point runs train.py
+under `_hooked_train`, whose hooks stall it there until the test kills it; every restart is the
+plain command.
 """
 
 import functools
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -34,9 +36,9 @@ TINY = ["--config.model.modalities.rgb=16", "--config.data.modalities.rgb=16",
         "--config.model.processor=gru", "--config.model.processor_layers=1",
         "--config.model.memory=False", "--config.model.num_act_tokens=4",
         "--config.model.predictor_heads=2", "--config.data.obs_seconds=12", "--config.data.fps=1",
-        "--config.data.batch_size=24", "--config.eval.batch_size=32",
-        "--config.train.num_epochs=2", "--config.train.log_every_steps=1",
-        "--config.train.eval_every_epochs=1", "--config.train.checkpoint_every_epochs=0.4"]
+        "--config.eval.batch_size=32", "--config.train.num_epochs=2",
+        "--config.train.log_every_steps=1", "--config.train.eval_every_epochs=1",
+        "--config.train.checkpoint_every_epochs=0.4"]
 TOTAL_STEPS = 10
 TIMEOUT = 300
 
@@ -96,18 +98,26 @@ def _hooked_train(marker, stall_before_save=None, stall_in_data_save=None, poiso
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Environment of the train.py processes, with a dataset generated once for all of them."""
-  from clam_jax.data import synthetic
+def shared(tmp_path_factory):
+  """What every train.py process gets: the environment, and flags pointing it at a dataset
+  generated once for all of them (model heads set to its class counts, batches of a fifth of its
+  training segments)."""
+  from clam_jax.data import pipeline
 
   out = tmp_path_factory.mktemp("shared")
-  config = _config()
-  synthetic.write_synthetic_ek100(str(out / "data"), **dict(config.data.synthetic))
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", CLAM_TEST_DATA=str(out / "data"),
-              PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), REPO,
-                                          os.environ.get("PYTHONPATH", "")]))
+  config = _config(f"--config.data.root={out / 'data'}")
+  heads = pipeline.head_sizes(config.data)  # generates the dataset
+  segments = len(pipeline.make_source(config.data, "train"))
+  batch_size = segments // 5
+  assert 2 * segments // batch_size == TOTAL_STEPS, segments
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), REPO,
+                                         os.environ.get("PYTHONPATH", "")]))
+  data_flags = [f"--config.data.root={out / 'data'}", f"--config.data.batch_size={batch_size}",
+                *(f"--config.model.heads.{head}={size}" for head, size in heads.items())]
+  return types.SimpleNamespace(env=env, flags=data_flags)
 
 
 def _config(*extra):
@@ -122,18 +132,18 @@ def _config(*extra):
 class _Run:
   """A train.py process on workdir (plain, or under `_hooked_train` with hooks), output to files."""
 
-  def __init__(self, env, workdir, *extra, **hooks):
+  def __init__(self, shared, workdir, *extra, **hooks):
     self.workdir, self.log = str(workdir), f"{workdir}.{time.monotonic_ns()}.log"
     self.marker = self.log + ".stalled"
     args = ["--config", "configs/demo.py", "--workdir", self.workdir, *TINY,
-            f"--config.data.root={env['CLAM_TEST_DATA']}", *extra]
+            *shared.flags, *extra]
     if hooks:
       code = f"import test_reliability; test_reliability._hooked_train({self.marker!r}, **{hooks})"
       command = [sys.executable, "-c", code, *args]
     else:
       command = [sys.executable, "train.py", *args]
     with open(self.log, "w") as log:
-      self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log,
+      self.process = subprocess.Popen(command, cwd=REPO, env=shared.env, stdout=log,
                                       stderr=subprocess.STDOUT)
 
   def output(self):
@@ -183,7 +193,7 @@ def _batches(config):
 
 
 @pytest.fixture(scope="module")
-def runs(env, tmp_path_factory):
+def runs(shared, tmp_path_factory):
   """All the train.py processes, overlapped where they do not depend on each other:
 
   full: uninterrupted. killed: killed between checkpoints, restarted and killed while writing a
@@ -192,29 +202,31 @@ def runs(env, tmp_path_factory):
   logging every 10 steps, with on_nonfinite=stop and =skip.
   """
   out = tmp_path_factory.mktemp("runs")
-  config = _config(f"--config.data.root={env['CLAM_TEST_DATA']}")
+  config = _config(*shared.flags)
   batches = _batches(config)
   poison = int(batches[2][0])
   seen = {"batches": batches, "bad_steps": [s for s, ids in enumerate(batches, 1) if poison in ids]}
   killed = str(out / "killed")
-  started = {"full": _Run(env, out / "full")}
+  started = {}
   try:
-    started["first"] = _Run(env, killed, stall_before_save=4)
+    started["first"] = _Run(shared, killed, stall_before_save=4)
     started["first"].kill_when_stalled()
     seen["first_kill"] = _checkpoints(killed), [r["step"] for r in _rows(killed)]
-    for mode in ("stop", "skip"):  # the compilation cache is warm now
-      started[mode] = _Run(env, out / mode, "--config.train.log_every_steps=10",
+    # The compilation cache is warm now: the other runs only load its programs.
+    started["full"] = _Run(shared, out / "full")
+    for mode in ("stop", "skip"):
+      started[mode] = _Run(shared, out / mode, "--config.train.log_every_steps=10",
                            f"--config.train.on_nonfinite={mode}", poison_sample=poison)
-    started["second"] = _Run(env, killed, stall_in_data_save=6)
+    started["second"] = _Run(shared, killed, stall_in_data_save=6)
     started["second"].wait_until_stalled()
     # Stalled while writing checkpoint 6: a second train.py now could delete or overwrite it.
-    seen["concurrent"] = _Run(env, killed).wait()
+    seen["concurrent"] = _Run(shared, killed).wait()
     started["second"].kill_when_stalled()
     seen["second_output"] = started["second"].output()
     seen["second_kill"] = _checkpoints(killed)
     seen["tmp_contents"] = sorted(os.listdir(os.path.join(killed, "checkpoints",
                                                           "6.orbax-checkpoint-tmp")))
-    seen["resumed"] = _Run(env, killed).wait()
+    seen["resumed"] = _Run(shared, killed).wait()
     for name in ("full", "stop", "skip"):
       seen[name] = started[name].wait()
   finally:
@@ -311,6 +323,17 @@ def test_nonfinite_steps_are_skipped_when_the_config_says_so(runs):
   assert _checkpoints(workdir)[0][-1] == TOTAL_STEPS
   params = _restore(workdir, TOTAL_STEPS, "params")
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_metric_rows_after_the_checkpoint_and_a_torn_last_line_are_dropped_on_resume(tmp_path):
+  rows = [{"step": step, "train/loss": float(loss)}
+          for step, loss in enumerate(np.random.default_rng().random(5), 1)]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+    f.write(json.dumps({"step": 6, "train/loss": 1.0})[:9])  # killed while writing
+  train_lib.MetricWriter(str(tmp_path), resume_step=4).close()
+  assert _rows(tmp_path) == rows[:4]
+  assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 class _Linear(nn.Module):
