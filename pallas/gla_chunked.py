@@ -41,9 +41,11 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16: the least rows per query block and the key block.
 _MIN_DOT_DIM = 16
-# Rows per query block of the output kernel by default (up to a whole chunk): fuller tensor-core
-# matmuls than 16 rows. The backward's query-side kernels run fastest with 16 (H200 sweep).
-_QUERY_ROWS = 128
+# Rows per query block of the output kernel by default (up to a whole chunk), by the inputs'
+# itemsize: fuller tensor-core matmuls than 16 rows; float32 blocks take twice the shared memory
+# (H200: 227 KiB per block), hence fewer rows and no software pipelining (num_stages = 1) for them.
+# The backward's query-side kernels run fastest with 16 rows (H200 sweep).
+_QUERY_ROWS = {2: 128, 4: 32}
 _F32 = jnp.float32
 # dot_general contraction dims: a @ b, a @ b^T, a^T @ b.
 _NN, _NT, _TN = ((1,), (0,)), ((1,), (1,)), ((0,), (0,))
@@ -70,6 +72,7 @@ class _Config(NamedTuple):
   steps: int      # time steps per block of query rows in the output kernel (sub-chunk)
   bwd_steps: int  # the same in the dq and dkv kernels
   block_v: int    # DV columns per program of the sequential kernels
+  pipelined: bool  # Triton software pipelining (LAUNCH's num_stages); off for float32 inputs
   interpret: bool
 
 
@@ -340,6 +343,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dh_ref, dk_ref, dv_ref, dbk_
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
   num_warps, num_stages = LAUNCH[name]
+  num_stages = num_stages if cfg.pipelined else 1
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -510,7 +514,7 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
 
   chunk_size: time steps per chunk (a power of two >= 16); sub_chunk: time steps per block of
   query rows in the output kernel (a power of two <= chunk_size with sub_chunk * M >= 16; default
-  128 rows, min(chunk_size, max(1, 128 // M)) steps; the backward takes blocks of 16 rows);
+  128 rows for bfloat16 inputs, 32 for float32; the backward takes blocks of 16 rows);
   block_v: DV columns of the state per program of the two kernels that walk the chunks (a power
   of two >= 16, capped at DV); interpret: run in Pallas interpret mode (CPU). Triton's launch
   parameters per kernel are in LAUNCH.
@@ -530,7 +534,7 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   scale = dk ** -0.5 if scale is None else scale
   mp = pl.next_power_of_2(m)
   if sub_chunk is None:
-    sub_chunk = min(chunk_size, max(1, _QUERY_ROWS // mp))
+    sub_chunk = min(chunk_size, max(1, _QUERY_ROWS[jnp.dtype(v.dtype).itemsize] // mp))
   if sub_chunk > chunk_size or sub_chunk * mp < _MIN_DOT_DIM or sub_chunk & (sub_chunk - 1):
     raise ValueError(f"sub_chunk must be a power of two <= chunk_size = {chunk_size} with "
                      f"sub_chunk * M >= {_MIN_DOT_DIM} (M = {m}, padded to {mp}), got {sub_chunk}")
@@ -538,7 +542,8 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   tp = -(-t // chunk_size) * chunk_size
   cfg = _Config(m=mp, scale=float(scale), chunk=chunk_size, steps=sub_chunk,
                 bwd_steps=min(sub_chunk, max(1, _MIN_DOT_DIM // mp)),
-                block_v=min(block_v, dvp), interpret=interpret)
+                block_v=min(block_v, dvp), pipelined=jnp.dtype(v.dtype).itemsize < 4,
+                interpret=interpret)
   s0 = (jnp.zeros((bsz, nh, dkp, dvp), _F32) if initial_state is None
         else _pad_to(initial_state.astype(_F32), (bsz, nh, dkp, dvp)))
   o, s_t = _gla(_pad_to(q, (bsz, tp, mp, nh, dkp)).reshape(bsz, tp * mp, nh, dkp),
