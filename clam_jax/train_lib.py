@@ -471,7 +471,7 @@ def _train_and_evaluate(config, workdir):
           scalars["train/examples_per_sec"] = (
               (step - last_log[0]) * config.data.batch_size / (now - last_log[1]))
           writer.write(step, scalars)
-          bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+          bar.set_postfix(loss=f"{scalars.get('train/loss', np.nan):.4f}",
                           ex_s=f"{scalars['train/examples_per_sec']:.0f}")
           pending, last_log = [], (step, now)
         paused = time.perf_counter()
@@ -500,7 +500,7 @@ def _train_scalars(pending, on_nonfinite, last_saved):
   pending: [(step, sample ids (B,), train_step's device metrics)]. A step whose loss or gradient
   is NaN or Inf raises NonFiniteError naming it and its batch if on_nonfinite is "stop"
   (last_saved: the step of the latest checkpoint, 0 for none); with "skip" it is logged, left out
-  of the means and counted in "train/skipped_steps".
+  of the means and counted in "train/skipped_steps" (the only scalar if every step was skipped).
   """
   fetched = jax.device_get([metrics for _, _, metrics in pending])
   skipped = 0
@@ -515,8 +515,9 @@ def _train_scalars(pending, on_nonfinite, last_saved):
                            f"(--config.train.on_nonfinite=skip skips such steps)")
     logging.warning("%s: skipped (config.train.on_nonfinite='skip')", message)
     skipped += 1
-  rows = [metrics for metrics in fetched if metrics["finite"]] or fetched
-  scalars = {f"train/{k}": float(np.mean([m[k] for m in rows])) for k in rows[0] if k != "finite"}
+  finite = [metrics for metrics in fetched if metrics["finite"]]
+  names = [name for name in fetched[0] if name != "finite"] if finite else []
+  scalars = {f"train/{k}": float(np.mean([m[k] for m in finite])) for k in names}
   if skipped:
     scalars["train/skipped_steps"] = skipped
   return scalars
