@@ -183,6 +183,8 @@ def main():
               print(f"{name} B={b} T={t} M={m} bwd={backward}: {type(e).__name__}: {e}"[:300])
               ms = float("nan")
             results[name] = ms
+            print(f"  {name} B={b} T={t} M={m} {'fwd+bwd' if backward else 'fwd'}: {ms:.3f} ms",
+                  flush=True)  # progress: compiles can take minutes
           if m == 1:
             results.update(fla(b, t, dtype, backward))
           for name, ms in results.items():
