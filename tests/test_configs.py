@@ -16,7 +16,7 @@ FIELDS = {
     "optimizer": {"lr", "weight_decay", "warmup_epochs", "clip_norm", "b1", "b2"},
     "loss": {"weights", "past_loss_weight", "label_smoothing"},
     "train": {"num_epochs", "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs",
-              "keep"},
+              "keep", "on_nonfinite"},
     "eval": {"split", "batch_size", "best_metric", "best_mode", "subsets_dir"},
 }
 
