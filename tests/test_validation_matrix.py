@@ -157,10 +157,10 @@ def evaluation_batch_of_size_0(c):
   return c.train
 
 
-@case(train_lib.ConfigError, r"data\.batch_size=4096 exceeds the \d+ training examples of 8 "
+@case(train_lib.ConfigError, r"data\.batch_size=1000000 exceeds the \d+ training examples of \d+ "
                              r"epochs of data 'ek100'")
 def batch_larger_than_the_data(c):
-  c.config.data.batch_size = 4096
+  c.config.data.batch_size = 1_000_000
   return c.train
 
 
