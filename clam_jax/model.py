@@ -23,15 +23,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from clam_jax.clam import CLAMMemory
+from clam_jax.clam import CLAMMemory, check_memory_config
 from clam_jax.predictor import FuturePredictor
-from clam_jax.processor import Processor
+from clam_jax.processor import Processor, check_processor_config
 
 SELECTIONS = ("fifo", "uniform")
 
 
 def check_config(config):
   """Raises ValueError naming the config.model field that the model cannot be built from."""
+  check_processor_config(config)
+  if config.memory:
+    check_memory_config(config)
   if config.act_token_selection not in SELECTIONS:
     raise ValueError(f"config.model.act_token_selection: expected one of {SELECTIONS}, found "
                      f"{config.act_token_selection!r}")
@@ -60,6 +63,9 @@ def check_features(config, features, rank):
     if x.shape[-1] != config.modalities[name]:
       raise ValueError(f"modality {name!r} has feature dim {x.shape[-1]}, "
                        f"config.model.modalities.{name} expects {config.modalities[name]}")
+    if x.shape[0] < 1:
+      raise ValueError(f"features[{name!r}] must hold B >= 1 windows or streams, found shape "
+                       f"{tuple(x.shape)}")
     if lead is None:
       lead = tuple(x.shape[:-1])
     elif tuple(x.shape[:-1]) != lead:

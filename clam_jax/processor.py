@@ -22,7 +22,8 @@ PROCESSORS = ("mamba", "gru", "lstm")
 _NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon
 
 
-def _check(config):
+def check_processor_config(config):
+  """Raises ValueError naming config.model.processor if it is not one of PROCESSORS."""
   if config.processor not in PROCESSORS:
     raise ValueError(f"config.model.processor: expected one of {PROCESSORS}, found {config.processor!r}")
 
@@ -33,7 +34,7 @@ def init_processor_carry(config, batch_size):
   mamba: {"conv": (batch_size, d_conv - 1, expand * d_model), "ssm": (batch_size, expand * d_model,
   d_state)}; gru: h (batch_size, d_model); lstm: (c, h), each (batch_size, d_model).
   """
-  _check(config)
+  check_processor_config(config)
   if config.processor == "mamba":
     make = lambda: ssm.init_mamba_carry(batch_size, config.d_model, d_state=config.ssm.d_state,
                                         d_conv=config.ssm.d_conv, expand=config.ssm.expand)
@@ -48,7 +49,7 @@ class Processor(nn.Module):
 
   def setup(self):
     config = self.config
-    _check(config)
+    check_processor_config(config)
     dtype = jnp.dtype(config.dtype)
     if config.processor == "mamba":
       make = lambda i: ssm.MambaBlock(

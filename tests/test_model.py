@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from clam_jax.model import CLAM, select_act_tokens
+from clam_jax.model import CLAM, check_config, select_act_tokens
 
 MODALITIES = {"rgb": 20, "flow": 6}
 
@@ -108,6 +108,8 @@ def test_uniform_spreads_over_the_real_frames_of_each_window():
     (lambda f, m: ({"rgb": f["rgb"][0], "flow": f["flow"][0]}, m), "'flow'\\] must have rank 3"),
     (lambda f, m: (f, m[:, 1:]), "mask must be bool of shape \\(B, T\\) = \\(2, 5\\)"),
     (lambda f, m: (f, m.astype(np.float32)), "mask must be bool.*float32"),
+    (lambda f, m: ({k: x[:0] for k, x in f.items()}, m[:0]),
+     r"'flow'\] must hold B >= 1 windows or streams, found shape \(0, 5, 6\)"),
 ])
 def test_input_errors_say_what_was_expected(change, message):
   features, mask = change(*_inputs(np.random.default_rng(), 2, 5))
@@ -212,3 +214,12 @@ def test_memory_kernels_give_the_reference_outputs(scan_impl, check_grads):
     scale = max(np.abs(r).max() for r in jax.tree.leaves(ref))
     for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
       np.testing.assert_allclose(x, r, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(processor="transformer"), r"config.model.processor: expected one of .*'transformer'"),
+    (dict(memory_feature_map="relu"), r"config.model.memory_feature_map: expected one of"),
+])
+def test_check_config_names_processor_and_memory_fields(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    check_config(_config(**overrides))

@@ -145,6 +145,12 @@ def unknown_dataset(c):
   return c.train
 
 
+@case(train_lib.ConfigError, r"config\.model\.processor: expected one of .*'transformer'")
+def unknown_processor(c):
+  c.config.model.processor = "transformer"
+  return c.train
+
+
 @case(train_lib.ConfigError, r"data\.batch_size=0 must be a positive multiple of the 1 devices")
 def training_batch_of_size_0(c):
   c.config.data.batch_size = 0
