@@ -6,8 +6,11 @@ Usage:
 Restores the best checkpoint of WORKDIR/checkpoints (by config.eval.best_metric; --checkpoint=last
 for the latest, or a step number), runs config.eval.split and writes WORKDIR/eval/: metrics.json,
 metrics.md (also printed), predictions.npz (the scores and labels the metrics were computed from)
-and per_class_recall.png. The config must describe the model that wrote the checkpoint; a mismatch
-is reported with the parameter and config fields that differ, and nothing is written.
+and, for EK100 and the synthetic demo, per_class_recall.png. The metrics are the dataset's own
+(train_lib.compute_metrics): EK100 class-mean top-5 recall, THUMOS'14 per-frame mAP / mcAP of
+detection and anticipation, Ego4D edit distance @ 20. The config must describe the model that
+wrote the checkpoint; a mismatch is reported with the parameter and config fields that differ,
+and nothing is written.
 """
 
 import sys

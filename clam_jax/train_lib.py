@@ -41,6 +41,7 @@ from clam_jax import checkpointing
 from clam_jax import metrics as metrics_lib
 from clam_jax import model as model_lib
 from clam_jax.data import pipeline
+from clam_jax.data import thumos14
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -180,10 +181,12 @@ def train_step(state, batch, dropout_key, *, loss_config):
 
 
 def predict_step(params, batch, *, apply_fn):
-  """Class probabilities of the future queries: {head: (B, F, C)} float32."""
+  """Class probabilities at each window's last step, float32: {"future": {head: (B, F, C)} of the
+  future queries, "present": {head: (B, C)} of the last act-token (online detection)}."""
   outputs = apply_fn({"params": params}, batch["features"], batch["mask"], train=False)
-  return {head: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-          for head, logits in outputs["future"].items()}
+  softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return {"future": {head: softmax(logits) for head, logits in outputs["future"].items()},
+          "present": {head: softmax(logits[:, -1]) for head, logits in outputs["past"].items()}}
 
 
 class Parallel:
@@ -222,29 +225,52 @@ class Parallel:
 
 
 def predict(config, params, parallel, predict_fn, split):
-  """Scores of every annotated segment of a split, in annotation-row order.
+  """The model's probabilities on every evaluation item of a split (numpy), for compute_metrics.
 
-  Segments the source dropped (no observed frame before tau_a) get no prediction: their row scores
-  0 everywhere and -1 on the label, a miss whatever the tie rule, as the official evaluator counts
-  them. Returns {"row": (R,) int64 annotation rows 0..R-1, "observed": (R,) bool,
-  "participant": (R,) str, "scores": {head: (R, C) float32}, "labels": {head: (R,) int32}}; the
-  scores are the softmax of the first future query (the anticipated action).
+  ek100, synthetic: one item per annotated segment, in annotation-row order: {"row": (R,) int64
+  annotation rows 0..R-1, "observed": (R,) bool, "participant": (R,) str, "scores": {head: (R, C)
+  float32}, "labels": {head: (R,) int32}}, the scores of the first future query (the anticipated
+  action). Segments the source dropped (no observed frame before tau_a) get no prediction: their
+  row scores 0 everywhere and -1 on the label, a miss whatever the tie rule, as the official
+  evaluator counts them.
+  thumos14: one item per frame of every video (the split's sessions in order, frames in order),
+  scored as the last frame of its own window: {"video": (N,) int32 session index, "step": (N,)
+  int32, "scores": {"detection": (N, C) of the last act-token, "anticipation": (N, F, C) of the
+  future queries, steps t+1..t+F}, "targets": (N, C) float32 rows of target_perframe}.
+  ego4d: one item per window (the official evaluation keys): {"key": (N,) str, "sequences":
+  {"verb", "noun": (N, 1, Z) int32}, "labels": {"verb", "noun": (N, Z) int32}}; (choice) one
+  sequence per window, each future query's most probable class, as QueryMamba validates (the
+  challenge takes the best of K = 5).
   predict_fn: parallel.predict_step(model), made once so repeated evaluations reuse its compilation.
   """
   source = pipeline.make_source(config.data, split)
   loader = pipeline.make_loader(config.data, split, shuffle=False, num_epochs=1,
                                 batch_size=config.eval.batch_size)
+
+  def batches():
+    """(sample ids (n,), the batch's n real rows, their probabilities) for every batch."""
+    for batch in loader:
+      real = batch["sample_id"] >= 0  # the pipeline pads the last batch with sample_id -1
+      probabilities = jax.device_get(predict_fn(params, parallel.shard_batch(model_inputs(batch))))
+      yield batch["sample_id"][real], *jax.tree.map(lambda x: x[real], (batch, probabilities))
+
+  if config.data.name == "thumos14":
+    return _predict_thumos14(source, batches())
+  if config.data.name == "ego4d":
+    return _predict_ego4d(source, batches())
+  return _predict_ek100(config, source, batches())
+
+
+def _predict_ek100(config, source, batches):
   ann = source.annotations
   num_rows = len(ann)
   scores = {head: np.zeros((num_rows, size), np.float32)
             for head, size in config.model.heads.items()}
   observed = np.zeros(num_rows, bool)
-  for batch in loader:
-    real = batch["sample_id"] >= 0  # the pipeline pads the last batch with sample_id -1
-    rows = source.rows[batch["sample_id"][real]]
-    probabilities = jax.device_get(predict_fn(params, parallel.shard_batch(model_inputs(batch))))
+  for sample_ids, _, probabilities in batches:
+    rows = source.rows[sample_ids]
     for head in scores:
-      scores[head][rows] = probabilities[head][real, 0]
+      scores[head][rows] = probabilities["future"][head][:, 0]
     observed[rows] = True
   labels = {head: np.asarray(getattr(ann, head), np.int32) for head in scores}
   dropped = np.flatnonzero(~observed)
@@ -255,12 +281,50 @@ def predict(config, params, parallel, predict_fn, split):
           "scores": scores, "labels": labels}
 
 
-def compute_metrics(config, predictions):
-  """EK100 anticipation metrics of `predict`'s output: class-mean top-5 recall x 100.
+def _predict_thumos14(source, batches):
+  index = np.asarray(source.index, np.int32)  # (session, last step) of every window
+  n, c = len(index), source.num_classes
+  scores = {"detection": np.zeros((n, c), np.float32),
+            "anticipation": np.zeros((n, source.future_steps, c), np.float32)}
+  targets = np.zeros((n, c), np.float32)
+  for sample_ids, batch, probabilities in batches:
+    scores["detection"][sample_ids] = probabilities["present"]["action"]
+    scores["anticipation"][sample_ids] = probabilities["future"]["action"]
+    targets[sample_ids] = batch["frame_targets"][:, -1]
+  return {"video": index[:, 0], "step": index[:, 1], "scores": scores, "targets": targets}
 
-  Returns {"overall/<head>"} and, when config.eval.subsets_dir names the folder of the official
-  EPIC_100_unseen_participant_ids_*/tail_* files, {"unseen/<head>", "tail/<head>"} too.
+
+def _predict_ego4d(source, batches):
+  n, z = len(source), source.num_future
+  sequences = {head: np.zeros((n, 1, z), np.int32) for head in ("verb", "noun")}
+  labels = {head: np.zeros((n, z), np.int32) for head in ("verb", "noun")}
+  for sample_ids, batch, probabilities in batches:
+    for head in sequences:
+      sequences[head][sample_ids, 0] = probabilities["future"][head].argmax(-1)
+      labels[head][sample_ids] = batch["future_targets"][head]
+  return {"key": np.array(source.keys), "sequences": sequences, "labels": labels}
+
+
+def compute_metrics(config, predictions):
+  """The benchmark's metrics of `predict`'s output, {"<group>/<name>": float}.
+
+  ek100, synthetic: class-mean top-5 recall x 100, {"overall/<head>"} and, when
+  config.eval.subsets_dir names the folder of the official EPIC_100_unseen_participant_ids_*/tail_*
+  files, {"unseen/<head>", "tail/<head>"} too.
+  thumos14 (fractions): per-frame mAP and mcAP of online detection, {"map/detection",
+  "mcap/detection"}, and of anticipation at each horizon, {"map/<seconds>s", "mcap/<seconds>s"}
+  (0.25s .. 2.00s at 4 fps and 8 future queries) with their means {"map/anticipation",
+  "mcap/anticipation"}; ambiguous frames dropped, background and ambiguous columns skipped.
+  ego4d: edit distance @ Z (a fraction, lower is better), {"edit_distance/verb", "/noun",
+  "/action"}.
   """
+  pipeline.check_name(config.data)
+  if config.data.name == "thumos14":
+    return _thumos14_metrics(config, predictions)
+  if config.data.name == "ego4d":
+    return {f"edit_distance/{head}": value for head, value in metrics_lib.ego4d_lta_metrics(
+        predictions["sequences"]["verb"], predictions["sequences"]["noun"],
+        predictions["labels"]["verb"], predictions["labels"]["noun"]).items()}
   masks = {}
   if config.eval.subsets_dir:
     masks = metrics_lib.load_ek100_subset_masks(
@@ -269,6 +333,25 @@ def compute_metrics(config, predictions):
   return metrics_lib.ek100_anticipation_metrics(
       *(predictions["scores"][h] for h in ("verb", "noun", "action")),
       *(predictions["labels"][h] for h in ("verb", "noun", "action")), **masks)
+
+
+def _thumos14_metrics(config, predictions):
+  info = thumos14.load_data_info(config.data.data_info)
+  scores, targets = predictions["scores"], predictions["targets"]
+  videos = np.split(np.arange(len(targets)), np.flatnonzero(np.diff(predictions["video"])) + 1)
+  # (H, N, C): each frame's scores as predicted 1..H steps before it, video by video.
+  anticipated = np.concatenate([metrics_lib.align_anticipation_scores(
+      scores["anticipation"][rows], scores["detection"][rows]) for rows in videos], axis=1)
+  ignore = {"ignore_index": info["ignore_index"]}
+  results = {}
+  for name, metric, per_frame in (("map", "AP", metrics_lib.per_frame_map),
+                                  ("mcap", "cAP", metrics_lib.per_frame_mcap)):
+    results[f"{name}/detection"] = per_frame(scores["detection"], targets, **ignore)
+    anticipation = metrics_lib.anticipation_map(anticipated, targets, metric=metric, **ignore)
+    results[f"{name}/anticipation"] = anticipation["mean"]
+    for h, value in enumerate(anticipation["per_horizon"]):
+      results[f"{name}/{(h + 1) / info['fps']:.2f}s"] = float(value)
+  return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,8 +615,8 @@ def evaluate(config, workdir, checkpoint="best"):
 
   checkpoint: "best" (by config.eval.best_metric; the latest if none has metrics), "last", or a
   step number. Writes eval/metrics.json ({"step", "split", "metrics"}), eval/metrics.md,
-  eval/predictions.npz (predict's arrays: row, observed, participant, scores/<head> (R, C),
-  labels/<head> (R,)) and
+  eval/predictions.npz (predict's arrays, nested names joined by "/": for EK100 row, observed,
+  participant, scores/<head> (R, C), labels/<head> (R,)) and, for EK100 and the synthetic data,
   eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
   Raises FileNotFoundError for a workdir without checkpoints and
   checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any).
@@ -574,27 +657,41 @@ def evaluate(config, workdir, checkpoint="best"):
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "metrics.json"), "w") as f:
     json.dump({"step": step, "split": config.eval.split, "metrics": results}, f, indent=2)
-  markdown = metrics_table(results, title=f"{config.data.name} {config.eval.split}, step {step}")
+  description, digits = METRIC_DESCRIPTIONS[config.data.name]
+  markdown = metrics_table(
+      results, title=f"{config.data.name} {config.eval.split}, step {step} ({description})",
+      digits=digits)
   with open(os.path.join(out, "metrics.md"), "w") as f:
     f.write(markdown + "\n")
   np.savez(os.path.join(out, "predictions.npz"),
-           **{k: v for k, v in predictions.items() if k not in ("scores", "labels")},
-           **{f"scores/{h}": v for h, v in predictions["scores"].items()},
-           **{f"labels/{h}": v for h, v in predictions["labels"].items()})
-  plot_per_class_recall(predictions, os.path.join(out, "per_class_recall.png"))
+           **{f"{k}/{h}" if isinstance(v, dict) else k: x
+              for k, v in predictions.items() for h, x in (v.items() if isinstance(v, dict)
+                                                           else [(None, v)])})
+  if config.data.name in ("ek100", "synthetic"):
+    plot_per_class_recall(predictions, os.path.join(out, "per_class_recall.png"))
   return {"step": step, "metrics": results, "markdown": markdown}
 
 
-def metrics_table(results, title):
-  """A markdown table of {"<subset>/<head>": value}: one row per subset, one column per head."""
-  subsets = list(dict.fromkeys(k.split("/")[0] for k in results))
-  heads = list(dict.fromkeys(k.split("/")[1] for k in results))
-  lines = [f"**{title}** (class-mean top-5 recall, %)", "",
-           "| | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-  for subset in subsets:
-    values = [results.get(f"{subset}/{h}") for h in heads]
-    lines.append(f"| {subset} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values)
-                 + " |")
+# data.name -> (what compute_metrics' numbers are, decimals shown)
+METRIC_DESCRIPTIONS = {
+    "ek100": ("class-mean top-5 recall, %", 2),
+    "synthetic": ("class-mean top-5 recall, %", 2),
+    "thumos14": ("per-frame mAP and calibrated mAP; anticipation: mean and per horizon", 4),
+    "ego4d": ("edit distance @ Z = 20 of the most probable sequence, lower is better", 4),
+}
+
+
+def metrics_table(results, title, digits=2):
+  """A markdown table of {"<row>/<column>": value} (e.g. "overall/verb"): one row per first part,
+  one column per second part, values with `digits` decimals."""
+  rows = list(dict.fromkeys(k.split("/")[0] for k in results))
+  columns = list(dict.fromkeys(k.split("/")[1] for k in results))
+  lines = [f"**{title}**", "",
+           "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for row in rows:
+    values = [results.get(f"{row}/{c}") for c in columns]
+    lines.append(f"| {row} | " + " | ".join("" if v is None else f"{v:.{digits}f}"
+                                            for v in values) + " |")
   return "\n".join(lines)
 
 

@@ -8,9 +8,9 @@ Choices, following QueryMamba (same authors, configs/ego4d/QueryMAMBA.yaml and i
   (read the sizes from fho_lta_taxonomy.json: v1 has 115 / 478);
 - bfloat16, gradient clipping at 1, 2 warm-up epochs then cosine decay;
 - past loss on the observed steps' action labels, weight 1.
-The data fields are Ego4dLtaSource's (clam_jax/data/ego4d.py). The training pipeline
-(clam_jax/data/pipeline.py) does not read Ego4D yet: train.py stops with a one-line error naming
-data.name. The metric is edit distance @ Z (clam_jax.metrics.ego4d_lta_metrics), lower is better.
+The data fields are Ego4dLtaSource's (clam_jax/data/ego4d.py, read by clam_jax/data/pipeline.py).
+The metric (train_lib.compute_metrics) is edit distance @ Z for verb, noun and action
+(clam_jax.metrics.ego4d_lta_metrics) of each future query's most probable class, lower is better.
 """
 
 import ml_collections

@@ -6,11 +6,16 @@ Choices:
   LSTR/TeSTra release them; each projected to D and summed;
 - one "action" head over the 22 columns of target_perframe (background, 20 actions, ambiguous);
   8 future queries = the anticipation horizons 0.25 .. 2 s;
-- "whole videos as one batch" read as one whole video (window None) per step, batch_size 1;
+- windows of 128 steps (32 s, the paper's EK100/Ego4D observation) ending every 8 steps (2 s) of
+  the training videos, 32 per batch: the seed's "whole videos as one batch" does not say how a
+  video is cut, and fixed windows keep one compiled shape (and the test-time windows);
+- evaluation as LSTR's: every test frame scored as the last of its own 128-step window (the last
+  act-token for detection, the future queries for anticipation), every 5 epochs as it scores
+  every frame of the 213 test videos;
 - 4 warm-up epochs then cosine decay, weight decay 0.05, clipping at 1.
-The data fields are Thumos14Source's (clam_jax/data/thumos14.py). The training pipeline
-(clam_jax/data/pipeline.py) does not read THUMOS yet: train.py stops with a one-line error naming
-data.name. The metrics are per-frame mAP and anticipation mAP (clam_jax.metrics).
+The data fields are Thumos14Source's (clam_jax/data/thumos14.py, read by
+clam_jax/data/pipeline.py). The metrics (train_lib.compute_metrics) are the per-frame mAP and
+calibrated mAP of online detection and of anticipation at each horizon, as fractions.
 """
 
 import ml_collections
@@ -52,9 +57,10 @@ def get_config():
       root=root,  # rgb_kinetics_resnet50/, flow_kinetics_bninception/, target_perframe/
       data_info=f"{root}/data_info.json",
       modalities={"rgb": 2048, "flow": 1024},
-      window=ml_collections.FieldReference(None, field_type=int),  # None: whole videos
-      future_steps=8,
-      batch_size=1,
+      window=128,
+      stride=8,
+      future_steps=8,  # = model.future_queries
+      batch_size=32,
       num_workers=4,
       seed=0,
   ))
@@ -64,11 +70,11 @@ def get_config():
   config.loss = ml_collections.ConfigDict(dict(
       weights={"action": 1.0}, past_loss_weight=1.0, label_smoothing=0.0))
   config.train = ml_collections.ConfigDict(dict(
-      num_epochs=40, log_every_steps=50, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
+      num_epochs=40, log_every_steps=50, eval_every_epochs=5.0, checkpoint_every_epochs=1.0,
       keep=1,
       # NaN/Inf loss or gradient: "stop" (exit naming the step and batch) or "skip" the step.
       on_nonfinite="stop"))
   config.eval = ml_collections.ConfigDict(dict(
-      split="test", batch_size=1, best_metric="map/detection", best_mode="max",
+      split="test", batch_size=128, best_metric="map/detection", best_mode="max",
       subsets_dir=""))
   return config

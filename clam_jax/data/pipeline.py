@@ -1,27 +1,39 @@
-"""Grain input pipeline for EK100 anticipation (real RULSTM-layout data or the synthetic demo).
+"""Grain input pipeline: EK100 (real RULSTM-layout data or the synthetic demo), THUMOS'14, Ego4D.
 
 Data config (`config.data`, an ml_collections.ConfigDict or any object with these attributes):
-    name                  "ek100" | "synthetic"
+    name                  one of DATASETS: "ek100" | "synthetic" | "thumos14" | "ego4d"
+    modalities            {name: feature dim}, e.g. {"rgb": 1024, "obj": 352}; synthetic:
+                          {"rgb": synthetic.feature_dim}; thumos14: a subset of
+                          thumos14.MODALITIES with their dims; ego4d: {"videomae": concatenated dim}
+    batch_size            examples per batch
+    num_workers           grain worker processes (0: read in the calling process)
+    seed                  shuffle seed
+  ek100 and synthetic (ek100.EK100Source):
     root                  ek100: folder of the per-modality LMDBs (<root>/<modality>/data.mdb);
                           synthetic: folder the generator writes into, or reuses when it already
                           holds a dataset with the same `synthetic` params
     annotations           ek100 only: {"train", "validation": EPIC_100_*.csv or RULSTM
                           training/validation.csv, "actions": actions.csv, "verb_classes",
                           "noun_classes": EPIC_100_{verb,noun}_classes.csv} paths
-    modalities            {name: feature dim}, e.g. {"rgb": 1024, "obj": 352}; synthetic:
-                          {"rgb": synthetic.feature_dim}
     obs_seconds           observed seconds before tau_a (paper: 32)
     fps                   observed frames per second (obs_seconds * fps frames per window)
     anticipation_seconds  tau_a (EK100: 1.0)
-    batch_size            examples per batch
-    num_workers           grain worker processes (0: read in the calling process)
-    seed                  shuffle seed
     synthetic             synthetic only: keyword arguments of synthetic.write_synthetic_ek100
                           (num_videos, num_recipes, feature_dim, seed, ...)
+  thumos14 (thumos14.Thumos14Source):
+    root, data_info       the LSTR-layout feature folder and its data_info.json
+    window                steps per example; training windows end every `stride` steps, the test
+                          split's at every step (each frame scored as the last of its own causal
+                          window, as LSTR's evaluation)
+    stride                steps between training windows
+    future_steps          anticipated steps after each window (= model.future_queries)
+  ego4d (ego4d.Ego4dLtaSource):
+    annotation_dir, feature_dirs, window, frame_stride, num_observed, num_future
 
-Batches are the examples of ek100.py stacked on a leading batch axis B (numpy):
-    features {modality: (B, T, dim) float32}, mask (B, T) bool, future_targets {head: (B, 1) int32},
-    past_targets {head: (B, T) int32}, sample_id (B,) int64.
+Batches are the examples of the sources stacked on a leading batch axis B (numpy); all have
+    features {modality: (B, T, dim) float32}, mask (B, T) bool, future_targets {head: (B, F) int32},
+    past_targets {head: (B, T) int32}, sample_id (B,) int64
+(thumos14 adds frame_targets (B, T, 22) and future_frame_targets (B, F, 22)).
 The split "train" drops the last partial batch. Other splits keep it, padded to batch_size by
 repeating its last example with sample_id = -1 and every target = -1 (losses and metrics ignore
 those rows), so every batch has one shape.
@@ -48,10 +60,15 @@ import grain
 import jax
 import numpy as np
 
+from clam_jax.data import ego4d
 from clam_jax.data import ek100
 from clam_jax.data import synthetic
+from clam_jax.data import thumos14
 
-SPLITS = ("train", "validation")
+DATASETS = ("ek100", "synthetic", "thumos14", "ego4d")
+# The evaluation split is the second: EK100's validation, THUMOS's test videos, Ego4D's val.
+SPLITS = {"ek100": ("train", "validation"), "synthetic": ("train", "validation"),
+          "thumos14": ("train", "test"), "ego4d": ("train", "val")}
 ANNOTATION_FILES = ("train", "validation", "actions", "verb_classes", "noun_classes")
 
 
@@ -70,13 +87,51 @@ def annotation_paths(data_config):
     if missing:
       raise KeyError(f"data.annotations lacks {missing}; expected paths for {ANNOTATION_FILES}")
     return paths
-  raise ValueError(f"data.name must be 'ek100' or 'synthetic'; got {data_config.name!r}")
+  raise ValueError(f"data.name must be 'ek100' or 'synthetic' to have EPIC annotation files; got "
+                   f"{data_config.name!r}")
+
+
+def check_name(data_config):
+  """Raises ValueError unless data_config.name is one of DATASETS."""
+  if data_config.name not in DATASETS:
+    raise ValueError(f"data.name must be one of {DATASETS} (the datasets clam_jax/data/ reads); "
+                     f"got {data_config.name!r}")
+
+
+def _check_modalities(data_config, expected):
+  modalities = dict(data_config.modalities)
+  wrong = {m: d for m, d in modalities.items() if expected.get(m) != d}
+  if wrong or not modalities:
+    raise ValueError(f"data.modalities {modalities}: {data_config.name} has {expected} "
+                     f"(name: feature dim)")
 
 
 def make_source(data_config, split):
-  """The split's ek100.EK100Source (its rows, dropped_rows and annotations serve evaluation)."""
-  if split not in SPLITS:
-    raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
+  """The split's random-access source: ek100.EK100Source (ek100, synthetic; its rows,
+  dropped_rows and annotations serve evaluation), thumos14.Thumos14Source or
+  ego4d.Ego4dLtaSource (module docstring)."""
+  check_name(data_config)
+  splits = SPLITS[data_config.name]
+  if split not in splits:
+    raise ValueError(f"split must be one of {splits} for data.name={data_config.name!r}; got "
+                     f"{split!r}")
+  if data_config.name == "thumos14":
+    _check_modalities(data_config, {m: dim for m, (_, dim) in thumos14.MODALITIES.items()})
+    if data_config.window is None:
+      raise ValueError("data.window must be a number of steps for thumos14: evaluation scores "
+                       "every frame as the last of its own window")
+    return thumos14.Thumos14Source(
+        data_config.root, split, data_info=data_config.data_info,
+        modalities=tuple(data_config.modalities), window=data_config.window,
+        stride=data_config.stride if split == "train" else 1,
+        future_steps=data_config.future_steps)
+  if data_config.name == "ego4d":
+    dim = sum(dict(data_config.modalities).values())
+    _check_modalities(data_config, {ego4d.MODALITY: dim})
+    return ego4d.Ego4dLtaSource(
+        data_config.annotation_dir, split, feature_dirs=tuple(data_config.feature_dirs),
+        window=data_config.window, feature_dim=dim, frame_stride=data_config.frame_stride,
+        num_observed=data_config.num_observed, num_future=data_config.num_future)
   paths = annotation_paths(data_config)
   return ek100.EK100Source(paths[split], paths["actions"], data_config.root,
                            dict(data_config.modalities), obs_seconds=data_config.obs_seconds,
@@ -85,7 +140,15 @@ def make_source(data_config, split):
 
 
 def head_sizes(data_config):
-  """{"verb": V, "noun": N, "action": A} from the class lists and actions.csv (model heads)."""
+  """{head: number of classes} of the dataset (the model's heads): ek100, synthetic: {"verb",
+  "noun", "action"} from the class lists and actions.csv; thumos14: {"action": 22}, the columns
+  of data_info.json's class_names; ego4d: {"verb", "noun"} from fho_lta_taxonomy.json."""
+  check_name(data_config)
+  if data_config.name == "thumos14":
+    return {"action": len(thumos14.load_data_info(data_config.data_info)["class_names"])}
+  if data_config.name == "ego4d":
+    verbs, nouns = ego4d.load_taxonomy(data_config.annotation_dir)
+    return {"verb": verbs, "noun": nouns}
   paths = annotation_paths(data_config)
   return {"verb": len(ek100.load_class_names(paths["verb_classes"])),
           "noun": len(ek100.load_class_names(paths["noun_classes"])),

@@ -39,7 +39,8 @@ def load_data_info(path, dataset="THUMOS"):
   if dataset not in info:
     raise KeyError(f"{path}: no entry '{dataset}'; found {sorted(info)}")
   entry = info[dataset]
-  missing = [key for key in ("class_names", "ignore_index", *SPLITS.values()) if key not in entry]
+  missing = [key for key in ("class_names", "ignore_index", "fps", *SPLITS.values())
+             if key not in entry]
   if missing:
     raise KeyError(f"{path}: entry '{dataset}' lacks {missing}")
   return entry
