@@ -1,26 +1,29 @@
 """A small synthetic EK100 in the real on-disk layout, whose next action depends on a distant cue.
 
 Grammar. A video is a short lead-in (lead_seconds, unannotated) followed by `episodes_per_video`
-episodes; each episode draws a recipe r uniformly from num_recipes and is the action sequence
+episodes; each episode draws a recipe, a dish r uniformly from num_recipes and for each of its
+M = steps_per_episode steps an item v_j uniformly from step_variants, and is the action sequence
 
-    cue "read recipe"          -> M = steps_per_episode steps -> finale "serve dish_r"
-    (cue_seconds long; its       step j: verb do_j, noun one of   (the only r-dependent label)
-     features carry r)           step_variants items, uniform
+    cue "read recipe"          -> step j = 0 .. M-1: verb do_j,  -> finale "serve dish_r"
+    (cue_seconds long; its        noun item_j-v_j
+     features show the recipe)
 
-with step_seconds-long actions separated by unannotated gaps (gap_seconds). All labels are the
-same for every recipe except the finale's, and r is visible only in the cue segment's features,
-so anticipating the finale (observation ending 1 s before it) needs the cue, which lies between
-M * step_seconds[0] - 1 and M * (step_seconds[1] + gap_seconds[1]) + gap_seconds[1] - 1 seconds
-before the observation end (defaults: 8 to 20.5 s). A model that keeps only the last few seconds
-(e.g. num_act_tokens / fps <= 8 s) can only guess the finale (1 / num_recipes), one with long
-memory can get it exactly; choose obs_seconds >= 21 s (defaults) so the cue is always observed.
-Every other action follows deterministically (cue after a finale or at the video start, step j+1
-after step j, up to the uniform item of each step).
+with step_seconds-long actions separated by unannotated gaps (gap_seconds). The verbs follow
+deterministically (cue after a finale or at the video start, do_j+1 after do_j); the nouns of
+the steps and of the finale are drawn per episode and shown ahead only by the cue's features (the
+recipe card), never by earlier steps (the items are independent), so anticipating them
+(observation ending 1 s before the action) needs the cue. For step j the cue ends at least
+j * step_seconds[0] - 1 s and starts at most cue_seconds[1] + gap_seconds[1] + j * (step_seconds[1]
++ gap_seconds[1]) - 1 s before the observation end (finale: j = M): a model that keeps only the
+last few seconds guesses the later steps (1 / step_variants) and the finale (1 / num_recipes), one
+with a long memory gets them exactly. Choose obs_seconds above the upper bound of the last target
+that depends on the cue so the card is always observed (the demo's: configs/demo.py).
 
 Features: one modality "rgb" of feature_dim. The 30 fps frame f (time f / 30 s) holds the
-embedding of the action covering that time (a fixed background embedding in gaps), plus the
-recipe's embedding in cue segments, plus N(0, noise_std^2) noise per frame; embeddings are
-standard normal vectors.
+embedding of the action covering that time (a fixed background embedding in gaps), plus, in cue
+segments, the recipe card: the sum of the dish's embedding and of the embeddings of the episode's
+M (step, item) pairs; plus N(0, noise_std^2) noise per frame. Embeddings are standard normal
+vectors.
 
 Files (root), exactly the layout ek100.EK100Source reads:
     rgb/data.mdb                           LMDB, keys f"{video}_frame_{frame:010d}.jpg", float32
@@ -33,8 +36,9 @@ Files (root), exactly the layout ek100.EK100Source reads:
 
 Bayes-optimal hints (synthetic.json "bayes"), action head over all validation segments with the
 dropped ones (no observation) counted as misses: expected top-1/top-5 accuracy and class-mean
-top-5 recall of the predictor that knows the whole past ("with_cue") and of the one that knows
-everything but the recipe ("without_cue").
+top-5 recall of the predictor that knows the whole past ("with_cue": every observed target
+exactly) and of the one that knows everything but the recipe card ("without_cue": the items and
+the dish guessed uniformly).
 """
 
 import csv
@@ -86,22 +90,25 @@ def _timestamp(centiseconds):
 
 
 def _video(rng, p, cue, step, finale):
-  """One video's segments [(start_cs, stop_cs, (kind, verb, noun), recipe)] and its end (cs)."""
+  """One video's segments [(start_cs, stop_cs, (kind, verb, noun, action), recipe)] and its end
+  (cs); recipe = (dish, (M,) items) of the segment's episode."""
   segments = []
   t = _centiseconds(rng, p["lead_seconds"])
   for _ in range(p["episodes_per_video"]):
-    recipe = int(rng.integers(p["num_recipes"]))
+    dish = int(rng.integers(p["num_recipes"]))
+    items = np.array([rng.integers(len(variants)) for variants in step])
     actions = ([(cue, p["cue_seconds"])]
-               + [(variants[rng.integers(len(variants))], p["step_seconds"]) for variants in step]
-               + [(finale[recipe], p["step_seconds"])])
+               + [(variants[v], p["step_seconds"]) for variants, v in zip(step, items)]
+               + [(finale[dish], p["step_seconds"])])
     for action, duration in actions:
       stop = t + _centiseconds(rng, duration)
-      segments.append((t, stop, action, recipe))
+      segments.append((t, stop, action, (dish, items)))
       t = stop + _centiseconds(rng, p["gap_seconds"])
   return segments, t + 100
 
 
-def _features(rng, segments, end, embeddings, cue_embeddings, background, noise_std):
+def _features(rng, segments, end, embeddings, dish_embeddings, item_embeddings, background,
+              noise_std):
   """(frames, dim) float32 for 30 fps frames 1..frames covering [0, end] centiseconds."""
   frames = end * ek100.LMDB_FPS // 100 + 1
   times = np.arange(1, frames + 1) * 100 / ek100.LMDB_FPS
@@ -110,11 +117,12 @@ def _features(rng, segments, end, embeddings, cue_embeddings, background, noise_
   index = np.searchsorted(starts, times, side="right") - 1
   inside = (index >= 0) & (times < stops[np.maximum(index, 0)])
   action = np.array([s[2][3] for s in segments])
-  recipe = np.array([s[3] for s in segments])
+  card = np.stack([dish_embeddings[dish] + item_embeddings[np.arange(len(items)), items].sum(0)
+                   for _, _, _, (dish, items) in segments])
   is_cue = np.array([s[2][0] == _CUE for s in segments])
   features = np.where(inside[:, None], embeddings[action[index]], background)
   cue_frames = inside & is_cue[index]
-  features[cue_frames] += cue_embeddings[recipe[index[cue_frames]]]
+  features[cue_frames] += card[index[cue_frames]]
   features += noise_std * rng.standard_normal(features.shape)
   return features.astype(np.float32)
 
@@ -129,10 +137,11 @@ def _write_csv(path, header, rows):
 def _bayes(kinds, actions, observed, recipes, variants):
   """Expected action hits of the two Bayes predictors on validation (see the module docstring)."""
   hints = {}
-  for name, finale_hit in (("with_cue", lambda k: 1.0),
-                           ("without_cue", lambda k: min(k, recipes) / recipes)):
+  guess = lambda k, n: min(k, n) / n
+  for name, known in (("with_cue", True), ("without_cue", False)):
     for k in (1, 5):
-      hit = {_CUE: 1.0, _STEP: min(k, variants) / variants, _FINALE: finale_hit(k)}
+      hit = {_CUE: 1.0, _STEP: 1.0 if known else guess(k, variants),
+             _FINALE: 1.0 if known else guess(k, recipes)}
       hits = np.array([hit[kind] for kind in kinds]) * observed
       hints[f"top{k}_{name}"] = float(hits.mean())
     hints[f"mean_top5_recall_{name}"] = float(np.mean([hits[actions == a].mean()
@@ -184,8 +193,12 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
   cue, finale = with_id(cue), [with_id(a) for a in finale]
   step = [[with_id(a) for a in variants] for variants in step]
   embeddings = rng.standard_normal((len(pairs), feature_dim))
-  cue_embeddings = rng.standard_normal((num_recipes, feature_dim))
+  dish_embeddings = rng.standard_normal((num_recipes, feature_dim))
   background = rng.standard_normal(feature_dim)
+  # From a stream of their own, so the labels and timings of a seed stay those of the generator
+  # before the card showed the items.
+  item_embeddings = np.random.default_rng([seed, 1]).standard_normal(
+      (steps_per_episode, step_variants, feature_dim))
 
   tmp = f"{root.rstrip(os.sep)}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -202,7 +215,8 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
       split = "train" if v < num_train else "validation"
       video_id = f"P{v // 10 + 1:02d}_{v % 10 + 1:02d}"
       segments, end = _video(rng, params, cue, step, finale)
-      features = _features(rng, segments, end, embeddings, cue_embeddings, background, noise_std)
+      features = _features(rng, segments, end, embeddings, dish_embeddings, item_embeddings,
+                           background, noise_std)
       for frame, value in enumerate(features, start=1):
         txn.put(ek100.frame_key(video_id, frame).encode(), value.tobytes())
       for i, (start, stop, (kind, verb, noun, action), _) in enumerate(segments):
