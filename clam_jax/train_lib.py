@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import optax
-import tensorboardX
 import tqdm
 from absl import app
 from absl import logging
@@ -370,6 +369,7 @@ class MetricWriter:
         kept = [line for line in f
                 if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
       checkpointing.write_atomically(self.path, "".join(kept))
+    import tensorboardX  # here, not at the top: benchmarks import this module without it
     self.tensorboard = tensorboardX.SummaryWriter(logdir=workdir)
 
   def write(self, step, scalars):
