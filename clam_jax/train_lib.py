@@ -425,7 +425,6 @@ def plot_training_curves(workdir):
 # Training loop
 
 
-SUPPORTED_DATA = ("ek100", "synthetic")
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -435,16 +434,17 @@ def check_config(config):
     model_lib.check_config(config.model)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  if config.data.name not in SUPPORTED_DATA:
+  if config.data.name not in pipeline.DATASETS:
     raise ConfigError(f"data.name={config.data.name!r}: the training pipeline "
-                      f"(clam_jax/data/pipeline.py) reads {SUPPORTED_DATA}")
+                      f"(clam_jax/data/pipeline.py) reads {pipeline.DATASETS}")
   if dict(config.data.modalities) != dict(config.model.modalities):
     raise ConfigError(f"data.modalities {dict(config.data.modalities)} and model.modalities "
                       f"{dict(config.model.modalities)} must be the same {{name: feature dim}}")
-  heads = set(config.model.heads)
-  if heads != {"verb", "noun", "action"}:
-    raise ConfigError(f"model.heads must be verb, noun and action for {config.data.name}; found "
-                      f"{sorted(heads)}")
+  heads = set(config.model.heads)  # the classes per head are checked against the data later
+  future = {"thumos14": "future_steps", "ego4d": "num_future"}.get(config.data.name)
+  if future and config.model.future_queries != config.data[future]:
+    raise ConfigError(f"model.future_queries={config.model.future_queries} must equal "
+                      f"data.{future}={config.data[future]} (one query per predicted step)")
   if set(config.loss.weights) != heads:
     raise ConfigError(f"loss.weights has heads {sorted(config.loss.weights)} but model.heads has "
                       f"{sorted(heads)}")

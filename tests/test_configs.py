@@ -89,6 +89,13 @@ def test_check_config_names_the_inconsistent_field():
   config.data.modalities = {"rgb": 32}
   with pytest.raises(train_lib.ConfigError, match="data.modalities"):
     train_lib.check_config(config)
-  config = load_config("ego4d")  # not read by the training pipeline yet
-  with pytest.raises(train_lib.ConfigError, match="data.name='ego4d'"):
+  config = load_config("ego4d")
+  config.data.name = "epic"
+  with pytest.raises(train_lib.ConfigError, match="data.name='epic'"):
     train_lib.check_config(config)
+  config = load_config("ego4d")
+  config.data.num_future = 8
+  with pytest.raises(train_lib.ConfigError, match="future_queries=20 must equal data.num_future=8"):
+    train_lib.check_config(config)
+  for name in NAMES:
+    train_lib.check_config(load_config(name))

@@ -43,9 +43,10 @@ def tiny_config(data_root=""):
       modalities={"rgb": 16}, d_model=16, processor="gru", processor_layers=1, memory=False,
       num_act_tokens=4, predictor_heads=2, heads={"verb": 5, "noun": 10, "action": 10}))
   config.data.update(dict(
-      root=data_root, modalities={"rgb": 16}, obs_seconds=12.0, fps=1.0, batch_size=8,
-      synthetic=dict(num_videos=5, num_validation_videos=1, episodes_per_video=2, num_recipes=3,
-                     steps_per_episode=3, feature_dim=16, seed=0)))
+      root=data_root, modalities={"rgb": 16}, obs_seconds=12.0, fps=1.0, batch_size=8))
+  # Replaced, not updated: the demo's other generator arguments would carry over.
+  config.data.synthetic = dict(num_videos=5, num_validation_videos=1, episodes_per_video=2,
+                               num_recipes=3, steps_per_episode=3, feature_dim=16, seed=0)
   config.optimizer.update(dict(lr=3e-3, warmup_epochs=0.5))
   config.train.update(dict(num_epochs=2, log_every_steps=1, eval_every_epochs=1.0,
                            checkpoint_every_epochs=0.5))
