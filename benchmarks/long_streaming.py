@@ -32,17 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clam_jax import model as model_lib  # noqa: E402
 from clam_jax import streaming  # noqa: E402
-from configs import ek100  # noqa: E402
+from benchmarks.streaming import model_config  # noqa: E402  (the same model as streaming.py)
 
 PARTS = ("processor", "memory", "act_tokens")
-
-
-def model_config(quick):
-  config = ek100.get_config().model
-  if quick:  # compiles dominate a CPU run: fewer layers, not only a narrower model
-    config.update(d_model=64, processor_layers=1, memory_layers=1, predictor_layers=1,
-                  dtype="float32")
-  return config
 
 
 def make_advance(config, chunk):
