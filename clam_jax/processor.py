@@ -54,7 +54,8 @@ class Processor(nn.Module):
     if config.processor == "mamba":
       make = lambda i: ssm.MambaBlock(
           config.d_model, d_state=config.ssm.d_state, d_conv=config.ssm.d_conv,
-          expand=config.ssm.expand, num_layers=config.processor_layers, dtype=dtype, name=f"layer_{i}")
+          expand=config.ssm.expand, num_layers=config.processor_layers, dtype=dtype,
+          scan_impl=config.scan_impl, name=f"layer_{i}")
     else:
       make = lambda i: recurrent.RecurrentLayer(config.processor, config.d_model, dtype=dtype,
                                                 name=f"layer_{i}")

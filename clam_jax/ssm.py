@@ -13,22 +13,40 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas.selective_scan import selective_scan_pallas
+
+# As pallas.gla's implementations: "reference" is the associative scan below; "recurrent" and
+# "chunked" (the memory's kernel choices) both mean the Pallas kernels of pallas/selective_scan.py,
+# which "auto" takes on GPU.
+SCAN_IMPLEMENTATIONS = ("auto", "reference", "recurrent", "chunked")
+
 # PyTorch's nn.Linear / nn.Conv1d default (kaiming_uniform(a=sqrt(5))), which mamba_ssm keeps.
 _torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
-def selective_scan(u, delta, A, B, C, D, z=None, h0=None, return_final_state=False):
-  """The selective scan over a whole sequence, by jax.lax.associative_scan (O(log T) depth).
+def selective_scan(u, delta, A, B, C, D, z=None, h0=None, return_final_state=False,
+                   implementation="reference"):
+  """The selective scan over a whole sequence.
 
   u, delta: (Bt, T, Di) (delta >= 0, already through softplus); A: (Di, N) (negative); B, C: (Bt, T, N);
   D: (Di,); z: (Bt, T, Di) or None (no gate); h0: (Bt, Di, N) or None (zeros).
   Returns y: (Bt, T, Di) in u's dtype, and h_T: (Bt, Di, N) float32 if return_final_state.
-  Materialises every state, (Bt, T, Di, N) float32, during the forward pass; the backward pass
+  implementation (SCAN_IMPLEMENTATIONS): "reference", jax.lax.associative_scan (O(log T) depth),
+  materialises every state, (Bt, T, Di, N) float32, during the forward pass, and its backward pass
   recomputes them rather than keeping them (jax.checkpoint), so a stack of blocks saves per block only
-  the scan's (Bt, T, Di)-sized inputs.
+  the scan's (Bt, T, Di)-sized inputs; "recurrent" / "chunked", the Pallas kernels, keep the states on
+  chip (interpret mode off GPU); "auto", the kernels on GPU and the reference elsewhere.
   """
+  if implementation not in SCAN_IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {SCAN_IMPLEMENTATIONS}, got {implementation!r}")
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   u32, delta = f32(u), f32(delta)
+  on_gpu = jax.default_backend() == "gpu"
+  if implementation == "auto":
+    implementation = "recurrent" if on_gpu else "reference"
+  if implementation != "reference":
+    y, h_last = selective_scan_pallas(u, delta, f32(A), B, C, h0, interpret=not on_gpu)
+    return _skip_and_gate(y, h_last, u, D, z, return_final_state)
   h0 = jnp.zeros(u.shape[:1] + A.shape, jnp.float32) if h0 is None else f32(h0)
 
   @jax.checkpoint
@@ -46,9 +64,14 @@ def selective_scan(u, delta, A, B, C, D, z=None, h0=None, return_final_state=Fal
     return jnp.einsum("btdn,btn->btd", h, C, precision="highest"), h[:, -1]
 
   y, h_last = scan(u32, delta, f32(A), f32(B), f32(C), h0)
-  y = y + f32(D) * u32
+  return _skip_and_gate(y, h_last, u, D, z, return_final_state)
+
+
+def _skip_and_gate(y, h_last, u, D, z, return_final_state):
+  """(y_t = C_t h_t: (Bt, T, Di) float32) -> (y_t + D u_t) * silu(z_t) in u's dtype, with h_T if asked."""
+  y = y + jnp.asarray(D, jnp.float32) * jnp.asarray(u, jnp.float32)
   if z is not None:
-    y = y * jax.nn.silu(f32(z))
+    y = y * jax.nn.silu(jnp.asarray(z, jnp.float32))
   y = y.astype(u.dtype)
   return (y, h_last) if return_final_state else y
 
@@ -123,6 +146,7 @@ class MambaBlock(nn.Module):
   expand: int = 2
   num_layers: int = 1
   dtype: Any = jnp.float32
+  scan_impl: str = "auto"  # selective_scan's implementation
 
   def setup(self):
     d_inner, dt_rank = mamba_dims(self.d_model, self.expand)
@@ -162,7 +186,8 @@ class MambaBlock(nn.Module):
     u = jax.nn.silu(conv + self.conv_bias).astype(self.dtype)
     delta, B, C = self._ssm_inputs(u)
     delta = jnp.where(mask[..., None], delta, 0)
-    y = selective_scan(u, delta, -jnp.exp(self.A_log), B, C, self.D, z)
+    y = selective_scan(u, delta, -jnp.exp(self.A_log), B, C, self.D, z,
+                       implementation=self.scan_impl)
     return self.out_proj(y)
 
   def step(self, carry, x_t):

@@ -19,7 +19,7 @@ KINDS = ("mamba", "gru", "lstm")
 def _config(processor, dtype="float32", dropout=0.1):
   return ml_collections.ConfigDict(dict(
       d_model=D_MODEL, processor=processor, processor_layers=2, dtype=dtype, dropout=dropout,
-      ssm=dict(d_state=5, d_conv=4, expand=2)))
+      ssm=dict(d_state=5, d_conv=4, expand=2), scan_impl="auto"))
 
 
 def _rel_err(x, ref):
