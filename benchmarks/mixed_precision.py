@@ -14,7 +14,7 @@ and reports for each the final loss, the mean loss of the last 10 % of the steps
 action class-mean top-5 recall (train_lib.predict / compute_metrics) and the median step time
 (the demo is tiny: the speed-up that matters is benchmarks/train_throughput.py's at EK100 size).
 The bfloat16 run also checks what stays float32 (dtypes found, by tracing): every parameter and
-optimizer-state leaf, the processor's (B, T, D_inner, d_state) selective-scan states, the memory's
+optimizer-state leaf, the processor's selective-scan states (B, [T,] D_inner, d_state), the memory's
 per-layer state S_T (B, H, DK, DV) and the logits.
 Prints a table last and writes --out (JSON).
 """
@@ -60,8 +60,11 @@ def float32_checks(config, model, params, opt_state, batch):
   return {
       "params": dtype_names(params),
       "optimizer state": dtype_names([x for x in jax.tree.leaves(opt_state) if x.ndim]),
-      f"processor scan states ({b}, {t}, {d_inner}, {mc.ssm.d_state}) in the traced forward":
-          sorted(set(re.findall(rf"(\w+)\[{b},{t},{d_inner},{mc.ssm.d_state}\]", str(forward)))),
+      # (B, T, Di, N) from the associative scan; (B, Di, N) and the chunk starts (B, T / chunk,
+      # Di, N) from the Pallas kernels.
+      f"processor scan states ({b}, [steps,] {d_inner}, {mc.ssm.d_state}) in the traced forward":
+          sorted(set(re.findall(rf"(\w+)\[{b},(?:\d+,)?{d_inner},{mc.ssm.d_state}\]",
+                                str(forward)))),
       f"memory state S_T ({b}, {mc.memory_heads}, {dk}, {dk})": dtype_names(model.apply(
           {"params": params}, batch["features"], batch["mask"], method=memory)),
       "logits": dtype_names(outputs),

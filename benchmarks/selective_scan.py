@@ -6,11 +6,12 @@ Usage:
 
 1. Correctness on the device: pallas.selective_scan vs ssm.selective_scan's associative scan (float32,
    B=2 T=300 Di=256 N=16): y, h_T and the gradients of u, delta, A, B, C, h0 (relative errors).
-2. Sweep of the kernels' launch parameters (chunk, block_d, num_warps) at one EK100 processor
-   layer (B=256, T=128, Di=2048, N=16; u, B, C bfloat16 as the bfloat16 model gives them, delta
-   float32), forward + backward.
+2. With --sweep, a sweep of the kernels' launch parameters (chunk, block_d, num_warps) at one EK100
+   processor layer (B=256, T=128, Di=2048, N=16; u, B, C bfloat16 as the bfloat16 model gives them,
+   delta float32), forward + backward (each point compiles for ~25 s on an H200).
 3. Table: forward and forward + backward of the associative scan ("assoc", what the model ran
-   before), a lax.scan of ssm.selective_scan_step ("scan") and the kernels at the best sweep point,
+   before), a lax.scan of ssm.selective_scan_step ("scan") and the kernels (their defaults, or the
+   best sweep point),
    at that layer shape and at B=8 T=4096 and B=1 T=65536; median ms, the fewest bytes each pass must
    move (inputs read once, outputs written once) over the copy bandwidth measured in the same run,
    and the compiled program's temporary memory.
@@ -132,6 +133,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--out", default="selective_scan.json", help="where to write every number")
   parser.add_argument("--quick", action="store_true", help="tiny shapes in interpret mode (CPU)")
+  parser.add_argument("--sweep", action="store_true", help="sweep chunk, block_d, num_warps first")
   args = parser.parse_args()
   interpret = jax.default_backend() != "gpu"
   report = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, sweep=[], rows=[])
@@ -146,7 +148,8 @@ def main():
   layer = (8, 32, 128, 16) if args.quick else (256, 128, 2048, 16)
   inputs = make_inputs(jax.random.PRNGKey(3), *layer, jnp.bfloat16)
   grid = (itertools.product((8, 16), (32,), (4,)) if args.quick else
-          itertools.product((8, 16, 32), (16, 32, 64), (1, 2, 4)))
+          itertools.product((8, 16, 32), (16, 32, 64), (1, 2, 4)) if args.sweep else
+          [(8, 16, 1)])  # selective_scan_pallas's defaults
   best = None
   for chunk, block_d, num_warps in grid:
     try:

@@ -10,8 +10,8 @@ Parts (--parts, comma-separated; default all):
   step        train_lib's jitted train_step on device-resident random batches of the EK100 shape
               (B = 256, T = 128 frames = 32 s at 4 fps, rgb 1024) with config.model.dtype float32
               and bfloat16 (params and optimizer state are float32 either way), and bfloat16 with
-              the processor's selective scan swapped for the lax.scan candidate defined here
-              (the same function of its inputs; the model files are untouched): median step
+              the processor's selective scan forced to the associative-scan reference (what ran
+              before the Pallas kernels; the memory's scan unchanged): median step
               time, samples/s, time of one EK100 epoch (67,217 samples), and from the compiled
               step (`.lower(...).compile()`) XLA's cost analysis (flops, bytes accessed) and
               memory analysis (argument + output bytes, temporaries). MFU = flops / step time /
@@ -31,7 +31,8 @@ Parts (--parts, comma-separated; default all):
   components  forward + backward of each part of the bfloat16 model alone, on inputs of the shapes
               it gets in the step (input projection, processor, memory, predictor, classifiers +
               loss), the optimizer update, and one processor layer's selective scan
-              (ssm.selective_scan) next to the lax.scan candidate: ms, share of the step, and
+              (ssm.selective_scan) by the associative scan and by the Pallas kernels: ms, share
+              of the step, and
               each program's flops and bytes floors.
   scaling     the bfloat16 step on 1 device and on --devices devices (default all local ones;
               train_lib.Parallel): the global batch split over the devices (strong) and the
@@ -154,8 +155,8 @@ def floors(costs, peak, bandwidth):
 
 class Setup:
   """A model, optimizer, train state and batch of a config on a Parallel; compile() makes the
-  jitted train step. scan: the processor's selective scan (ssm.selective_scan, or a candidate
-  with its signature, swapped in while the step is traced)."""
+  jitted train step. scan: None, or an ssm.SCAN_IMPLEMENTATIONS name forced on the processor's
+  selective scan while the step is traced (config.model.scan_impl also picks the memory's)."""
 
   def __init__(self, config, parallel, batch_size, seed=0, scan=None):
     self.config, self.parallel, self.batch_size = config, parallel, batch_size
@@ -174,7 +175,8 @@ class Setup:
 
   def compile(self):
     original = ssm.selective_scan
-    ssm.selective_scan = self.scan or original  # MambaBlock looks it up when traced
+    if self.scan:  # MambaBlock looks selective_scan up when traced
+      ssm.selective_scan = lambda *a, implementation, **k: original(*a, implementation=self.scan, **k)
     try:
       start = time.perf_counter()
       self.step = self.parallel.train_step(self.config.loss).lower(
@@ -308,28 +310,6 @@ def part_pipeline(args, data, setup):
 # Components
 
 
-def sequential_selective_scan(u, delta, A, B, C, D, z):
-  """ssm.selective_scan (h0 = 0, same arguments and result) by lax.scan over time: one (Bt, Di, N)
-  state live per step instead of all T states and the associative scan's passes over them. A
-  candidate for the processor's scan, timed next to it here."""
-  f32 = lambda x: jnp.asarray(x, jnp.float32)
-  u32, delta = f32(u), f32(delta)
-
-  @jax.checkpoint
-  def scan(u32, delta, A, B, C):
-    def step(h, inputs):
-      u_t, delta_t, b_t, c_t = inputs
-      h = jnp.exp(delta_t[..., None] * A) * h + (delta_t * u_t)[..., None] * b_t[:, None, :]
-      return h, jnp.einsum("bdn,bn->bd", h, c_t, precision="highest")
-
-    h0 = jnp.zeros(u32.shape[:1] + A.shape, jnp.float32)
-    _, y = jax.lax.scan(step, h0, tuple(jnp.moveaxis(x, 1, 0) for x in (u32, delta, B, C)))
-    return jnp.moveaxis(y, 0, 1)
-
-  y = scan(u32, delta, f32(A), f32(B), f32(C)) + f32(D) * u32
-  return (y * jax.nn.silu(f32(z))).astype(u.dtype)
-
-
 def vjp_program(f):
   """jit of f's forward and backward: (diff, other, cotangent) -> gradient of diff, where f(diff,
   other) -> output and cotangent has the output's shape."""
@@ -417,18 +397,12 @@ def part_components(args, setup, step_ms, bandwidth):
       state.apply_gradients(grads=grads), optax.global_norm(grads))), setup.state, grads))
 
   scan_args = scan_inputs(setup.config, rng)
-  for name, scan in (("selective scan, 1 layer (model: associative)", ssm.selective_scan),
-                     ("selective scan, 1 layer (lax.scan candidate)", sequential_selective_scan)):
+  for impl in ("reference", "auto"):
+    scan = functools.partial(ssm.selective_scan, implementation=impl)
     program = vjp_program(lambda diff, other, scan=scan: scan(*diff))
+    name = f"selective scan, 1 layer ({'associative' if impl == 'reference' else 'model: auto'})"
     rows.append({**timed(name, program, scan_args, None, random_like(scan_args[0])),
                  "within": "processor"})
-  # The candidate computes the model's function: compared on 8 windows (bf16 outputs).
-  few = tuple(x[:8] if x.ndim == 3 else x for x in scan_args)
-  y, y_candidate = (jax.jit(scan)(*few).astype(jnp.float32)
-                    for scan in (ssm.selective_scan, sequential_selective_scan))
-  rows[-1]["max_rel_error_vs_model"] = float(jnp.abs(y_candidate - y).max() / jnp.abs(y).max())
-  print(f"lax.scan candidate vs ssm.selective_scan: max |diff| / max |y| = "
-        f"{rows[-1]['max_rel_error_vs_model']:.1e}")
   return rows
 
 
@@ -473,7 +447,7 @@ def print_summary(results):
           "floor ms: flops / bytes / io |")
     print("|---" * 12 + "|")
     for row in steps:
-      scan = row["scan"] or "associative (model)"
+      scan = {"auto": "Pallas kernels (auto)", "reference": "associative"}[row["scan"]]
       if "error" in row:
         print(f"| {row['dtype']} | {scan} | {row['error']} |")
         continue
@@ -484,13 +458,13 @@ def print_summary(results):
             f"{fmt(row.get('temp_bytes'), 1e-9)} | {fmt(row.get('floor_flops_ms'))} / "
             f"{fmt(row.get('floor_bytes_ms'))} / {fmt(row.get('floor_io_ms'), digits=2)} |")
     for row in steps:
-      if "peak_name" in row and row["scan"] is None:
+      if "peak_name" in row and row["scan"] == "auto":
         print(f"peak for {row['dtype']}: {row['peak_name']}")
     ms = {(row["dtype"], row["scan"]): row["step_ms"] for row in steps if "step_ms" in row}
-    base = ms.get(("float32", None))
+    base = ms.get(("float32", "auto"))
     for (dtype, scan), value in ms.items():
-      if base and (dtype, scan) != ("float32", None):
-        print(f"speed-up of {dtype}{', scan ' + scan if scan else ''} over float32: "
+      if base and (dtype, scan) != ("float32", "auto"):
+        print(f"speed-up of {dtype}, processor scan {scan}, over float32: "
               f"{base / value:.2f}x")
   components = results.get("components", [])
   if components:
@@ -582,16 +556,16 @@ def main():
   one = train_lib.Parallel(args.devices[:1])
   bf16, step_ms = None, None
   if parts & {"step", "components", "pipeline"}:
-    # The step part: float32, bfloat16, and bfloat16 with the candidate scan; the others need
-    # only the bfloat16 Setup.
-    variants = ((("float32", None), ("bfloat16", None), ("bfloat16", sequential_selective_scan))
+    # The step part: float32, bfloat16, and bfloat16 with the associative scan in the processor;
+    # the others need only the bfloat16 Setup.
+    variants = ((("float32", None), ("bfloat16", None), ("bfloat16", "reference"))
                 if "step" in parts else (("bfloat16", None),))
     results["step"] = []
     for dtype, scan in variants:
       config = get_config(args, dtype)
       setup = Setup(config, one, config.data.batch_size, scan=scan)
       row = guarded(f"step {dtype}", measure_step, setup, args, bandwidth, "step" in parts)
-      results["step"].append({"dtype": dtype, "scan": scan and scan.__name__, **row})
+      results["step"].append({"dtype": dtype, "scan": scan or "auto", **row})
       if dtype == "bfloat16" and scan is None:
         bf16, step_ms = setup, row.get("step_ms")
       del setup
