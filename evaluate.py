@@ -10,7 +10,8 @@ and, for EK100 and the synthetic demo, per_class_recall.png. The metrics are the
 (train_lib.compute_metrics): EK100 class-mean top-5 recall, THUMOS'14 per-frame mAP / mcAP of
 detection and anticipation, Ego4D edit distance @ 20. The config must describe the model that
 wrote the checkpoint; a mismatch is reported with the parameter and config fields that differ,
-and nothing is written.
+and nothing is written. These and data errors (an example that cannot be read: the file/key/field
+is named) exit with status 1 and one line; --verbosity=1 adds the traceback.
 """
 
 import sys
@@ -40,6 +41,7 @@ def main(argv):
   try:
     report = train_lib.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
   except train_lib.USER_ERRORS as e:
+    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
     sys.exit(f"evaluate.py: error: {e}")
   print(report["markdown"])
 

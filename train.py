@@ -14,7 +14,10 @@ training_curves.png. Evaluate afterwards with evaluate.py.
 
 A NaN or Inf loss or gradient stops the run with exit status 1, naming the step and its batch's
 sample ids; the checkpoints hold only earlier steps. --config.train.on_nonfinite=skip skips such
-steps instead (logged as warnings and as train/skipped_steps).
+steps instead (logged as warnings and as train/skipped_steps). An example that cannot be read
+(missing or malformed file, LMDB key or value; arrays shaped unlike the others) stops it with exit
+status 1 and one line naming the example, the file/key/field and the latest checkpoint, which a
+rerun resumes from; --verbosity=1 adds the traceback.
 """
 
 import sys
@@ -43,6 +46,7 @@ def main(argv):
   try:
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train_lib.USER_ERRORS as e:
+    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
     sys.exit(f"train.py: error: {e}")
 
 

@@ -398,8 +398,18 @@ def last_eval_metrics(workdir):
   return {k.removeprefix("eval/"): v for k, v in rows[-1].items() if k != "step"} if rows else {}
 
 
-def plot_training_curves(workdir):
-  """Writes workdir/training_curves.png: training losses (left) and evaluation metrics (right)."""
+# data.name -> the y label of compute_metrics' numbers in training_curves.png
+METRIC_AXIS_LABELS = {
+    "ek100": "class-mean top-5 recall (%)",
+    "synthetic": "class-mean top-5 recall (%)",
+    "thumos14": "per-frame mAP / mcAP",
+    "ego4d": "edit distance @ Z = 20 (lower is better)",
+}
+
+
+def plot_training_curves(workdir, data_name):
+  """Writes workdir/training_curves.png: training losses (left) and evaluation metrics (right,
+  labelled with data_name's metric, one of METRIC_AXIS_LABELS); returns its path."""
   rows = read_metrics(workdir)
   fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
   for ax, prefix, title in ((left, "train/", "training loss"), (right, "eval/", "evaluation")):
@@ -413,7 +423,7 @@ def plot_training_curves(workdir):
     ax.set(title=title, xlabel="step")
     if names:
       ax.legend(fontsize="small")
-  right.set_ylabel("top-5 recall (%)")
+  right.set_ylabel(METRIC_AXIS_LABELS[data_name])
   fig.tight_layout()
   path = os.path.join(workdir, "training_curves.png")
   fig.savefig(path, dpi=100)
@@ -469,8 +479,9 @@ def prepare_data_config(config, workdir):
 
 
 def example_inputs(source):
-  """Inputs of batch size 1 shaped like source's examples, to initialise the model."""
-  example = source[0]
+  """Inputs of batch size 1 shaped like source's examples, to initialise the model (its example 0;
+  pipeline.DataError if that cannot be read)."""
+  example = pipeline.read_example(source, 0, type(source).__name__)
   return jax.tree.map(lambda x: np.asarray(x)[None],
                       {"features": example["features"], "mask": example["mask"]})
 
@@ -488,6 +499,8 @@ def train_and_evaluate(config, workdir):
   workdir. A step with a NaN or Inf loss or gradient raises NonFiniteError naming it and its
   batch before anything after it is evaluated or checkpointed, or, with
   config.train.on_nonfinite="skip", changes nothing and is logged (train_step, _train_scalars).
+  An example that cannot be read raises pipeline.DataError naming it, the step and the latest
+  checkpoint (complete: later steps are not saved).
   """
   check_config(config)
   with checkpointing.workdir_lock(workdir):
@@ -562,7 +575,7 @@ def _train_and_evaluate(config, workdir):
           eval_metrics = compute_metrics(
               config, predict(config, state.params, parallel, predict_fn, config.eval.split))
           writer.write(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-          plot_training_curves(workdir)
+          plot_training_curves(workdir, config.data.name)
           bar.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items()))
         if save_now:
           checkpointing.save(manager, step, state, train_iter,
@@ -570,10 +583,14 @@ def _train_and_evaluate(config, workdir):
           last_saved = step
         # Throughput counts training only.
         last_log = (last_log[0], last_log[1] + time.perf_counter() - paused)
+  except pipeline.DataError as e:
+    kept = f"its latest checkpoint is step {last_saved}" if last_saved else "no checkpoint"
+    raise pipeline.DataError(f"{e}; training stopped at step {step}, {kept}") from e
   finally:
     manager.wait_until_finished()
     manager.close()
     writer.close()
+    train_iter.close()  # stops grain's workers
   return eval_metrics
 
 
@@ -619,7 +636,8 @@ def evaluate(config, workdir, checkpoint="best"):
   participant, scores/<head> (R, C), labels/<head> (R,)) and, for EK100 and the synthetic data,
   eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
   Raises FileNotFoundError for a workdir without checkpoints and
-  checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any).
+  checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any),
+  pipeline.DataError for an example that cannot be read.
   """
   check_config(config)
   directory = os.path.join(workdir, "checkpoints")
@@ -729,7 +747,7 @@ def plot_per_class_recall(predictions, path):
 
 
 USER_ERRORS = (ConfigError, NonFiniteError, checkpointing.CheckpointMismatchError,
-               checkpointing.WorkdirBusyError, FileNotFoundError)
+               checkpointing.WorkdirBusyError, FileNotFoundError, pipeline.DataError)
 
 
 def parse_flags(argv):

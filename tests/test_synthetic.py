@@ -3,6 +3,10 @@ back, the documented grammar, and a recipe cue that only a long memory can use."
 
 import filecmp
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import lmdb
@@ -49,6 +53,32 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path):
   (tmp_path / "d" / "x").write_text("mine")
   with pytest.raises(FileExistsError, match="non-empty folder without synthetic.json"):
     synthetic.write_synthetic_ek100(str(tmp_path / "d"), **SMALL)
+
+
+def test_a_generation_killed_midway_leaves_no_dataset_and_the_next_one_cleans_up(tmp_path):
+  root = tmp_path / "data"
+  # Killed (SIGKILL) once the LMDB is written, before the annotation files.
+  code = (f"import os, signal\nfrom clam_jax.data import synthetic\n"
+          f"synthetic._write_csv = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+          f"synthetic.write_synthetic_ek100({str(root)!r}, **{SMALL!r})\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert done.returncode == -signal.SIGKILL, done.stderr
+  leftover, = os.listdir(tmp_path)
+  assert leftover.startswith("data.partial") and (tmp_path / leftover / "rgb" / "data.mdb").exists()
+  # A live process's folder (this test's parent, say, generating meanwhile) is not touched.
+  live = tmp_path / f"data.partial{os.getppid()}"
+  live.mkdir()
+
+  info = synthetic.write_synthetic_ek100(str(root), **SMALL)
+  assert sorted(os.listdir(tmp_path)) == ["data", live.name]
+  # The same dataset as an uninterrupted generation's.
+  reference = tmp_path / "reference"
+  assert synthetic.write_synthetic_ek100(str(reference), **SMALL) == info
+  files = [os.path.join("annotations", name) for name in os.listdir(reference / "annotations")]
+  assert len(files) == 5
+  match, _, _ = filecmp.cmpfiles(reference, root, files + ["synthetic.json"], shallow=False)
+  assert len(match) == 6
+  assert _lmdb_items(root / "rgb") == _lmdb_items(reference / "rgb")
 
 
 def test_loader_reads_the_grammar_back(tmp_path):

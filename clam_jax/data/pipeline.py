@@ -38,6 +38,10 @@ The split "train" drops the last partial batch. Other splits keep it, padded to 
 repeating its last example with sample_id = -1 and every target = -1 (losses and metrics ignore
 those rows), so every batch has one shape.
 
+An example that cannot be read (a missing file or LMDB key, a malformed or non-finite value), or
+whose arrays differ in shape or dtype from the first example's, raises DataError from the iterator
+(also when a worker read it), naming the dataset, split, example id and the file/key/field.
+
 Batches are formed before the worker processes split the work (each worker builds whole batches
 of the global order), so the sequence of batches does not depend on num_workers. The iterator
 state is checkpointable, e.g. with Orbax next to the model:
@@ -70,6 +74,54 @@ DATASETS = ("ek100", "synthetic", "thumos14", "ego4d")
 SPLITS = {"ek100": ("train", "validation"), "synthetic": ("train", "validation"),
           "thumos14": ("train", "test"), "ego4d": ("train", "val")}
 ANNOTATION_FILES = ("train", "validation", "actions", "verb_classes", "noun_classes")
+
+
+class DataError(Exception):
+  """An example could not be read or has unexpected shapes (module docstring)."""
+
+
+# What the sources raise for a missing or malformed file, key or value.
+_READ_ERRORS = (OSError, LookupError, ValueError, EOFError)
+
+
+def _shapes(example):
+  """{"features/rgb": "float32(36, 64)", ...}: dtype and shape of each of an example's arrays."""
+  leaves = jax.tree_util.tree_flatten_with_path(example)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          f"{np.asarray(x).dtype}{np.shape(x)}" for path, x in leaves}
+
+
+def read_example(source, sample_id, where):
+  """source[sample_id]; a missing or malformed file, key or value raises DataError
+  "<where>, example <sample_id>: <the source's message>"."""
+  try:
+    return source[sample_id]
+  except _READ_ERRORS as e:
+    # str() of a KeyError is its message quoted.
+    message = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    raise DataError(f"{where}, example {sample_id}: {message}") from e
+
+
+class _CheckedSource:
+  """source's examples, each checked: read errors and arrays unlike example 0's (which batching
+  would reject without naming the example) raise DataError. Pickled to grain's workers."""
+
+  def __init__(self, source, where):
+    self.source, self.where = source, where
+    self.expected = _shapes(read_example(source, 0, where))
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, sample_id):
+    example = read_example(self.source, sample_id, self.where)
+    found = _shapes(example)
+    if found != self.expected:
+      wrong = [f"{name} is {found.get(name, 'missing')}, expected {expected} as in example 0"
+               for name, expected in self.expected.items() if found.get(name) != expected]
+      wrong += [f"{name} is not in example 0" for name in found.keys() - self.expected.keys()]
+      raise DataError(f"{self.where}, example {sample_id}: {'; '.join(wrong)}")
+    return example
 
 
 def annotation_paths(data_config):
@@ -180,7 +232,8 @@ def make_loader(data_config, split, *, shuffle, num_epochs, seed=None, batch_siz
   source = make_source(data_config, split)
   batch_size = data_config.batch_size if batch_size is None else batch_size
   worker_count = data_config.num_workers if worker_count is None else worker_count
-  dataset = grain.MapDataset.source(source)
+  dataset = grain.MapDataset.source(
+      _CheckedSource(source, f"data {data_config.name!r}, split {split!r}"))
   if shuffle:
     dataset = dataset.shuffle(seed=data_config.seed if seed is None else seed)
   dataset = dataset.repeat(num_epochs).batch(batch_size, drop_remainder=split == "train")

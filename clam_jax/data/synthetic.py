@@ -157,7 +157,9 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
 
   num_videos includes the num_validation_videos. The same arguments always give the same files.
   If root already holds a dataset written with the same arguments it is reused; with other
-  arguments, or if root is a non-empty folder without synthetic.json, this raises.
+  arguments, or if root is a non-empty folder without synthetic.json, this raises. The files are
+  written into the sibling folder root.partial<pid>, renamed to root once complete: a run killed
+  mid-generation leaves no root, and the next call deletes the folder it left.
   Returns {"params", "modalities": {"rgb": feature_dim}, "num_segments": {split: S},
   "bayes": {...}} (also stored as root/synthetic.json).
   """
@@ -200,8 +202,7 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
   item_embeddings = np.random.default_rng([seed, 1]).standard_normal(
       (steps_per_episode, step_variants, feature_dim))
 
-  tmp = f"{root.rstrip(os.sep)}.tmp{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
+  tmp = _partial_folder(root)
   paths = annotation_paths(tmp)
   os.makedirs(os.path.join(tmp, MODALITY))
   os.makedirs(os.path.dirname(paths["train"]))
@@ -245,7 +246,30 @@ def write_synthetic_ek100(root, *, num_videos=40, num_validation_videos=8, episo
           "num_segments": {split: len(r) for split, r in rows.items()}, "bayes": bayes}
   with open(os.path.join(tmp, "synthetic.json"), "w") as f:
     json.dump(info, f, indent=2)
-  if os.path.isdir(root):
-    os.rmdir(root)  # empty (checked above); rename needs the name free
-  os.rename(tmp, root)  # a reader never sees a half-written dataset
+  os.replace(tmp, root)  # also over an empty root; a reader never sees a half-written dataset
   return info
+
+
+def _partial_folder(root):
+  """A fresh sibling folder root.partial<pid> to write into, after deleting those that runs killed
+  mid-generation left (their process is gone); a live process's folder is left alone."""
+  root = os.path.normpath(root)
+  prefix = f"{os.path.basename(root)}.partial"
+  parent = os.path.dirname(root) or "."
+  for name in os.listdir(parent) if os.path.isdir(parent) else ():
+    pid = name.removeprefix(prefix)
+    if name.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+      shutil.rmtree(os.path.join(parent, name))
+  tmp = f"{root}.partial{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier failed call
+  return tmp
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)  # signal 0: only asks whether the process exists
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # it exists, as another user's
+    pass
+  return True
