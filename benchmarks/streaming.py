@@ -1,7 +1,17 @@
 """Online latency and memory: CLAM's stream_step against a softmax-attention memory, versus t.
 
 Usage (GPU):  python benchmarks/streaming.py [--out benchmarks/results/streaming.json]
+              python benchmarks/streaming.py --latency-only     (the variants table only, ~1 min)
               JAX_PLATFORMS=cpu python benchmarks/streaming.py --quick     (CPU, tiny model)
+
+Variants table (every run, batch 1, from the state after 10 frames): the step with the params
+  raw       as the model holds them (stream_step(params, ...))
+  f32       streaming.prepare_stream_params(params, config): params-only work done once
+  bf16      the same with cast=True: Dense kernels and biases in the compute dtype, cast once
+and for each: blocked (median ms of single calls, each blocked on), unblocked (mean ms per call of
+a Python loop of calls blocked once at the end: dispatch overlaps the device), scan (ms per frame
+of a lax.scan of 256 steps in one call) and kernels (`kernel_count` of the compiled step: the
+launches of one call in XLA's optimized HLO, and how many of them read only params).
 
 The EK100 model (configs/ek100.py: D = 1024, 4 Mamba layers, 2 memory layers of 16 tokens and 8
 heads, bfloat16 compute, float32 params and state), random params and frames, at batch 1 and 64
@@ -50,8 +60,10 @@ batch 1 on an H100, flat in t.
 
 import argparse
 import functools
+import collections
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -75,6 +87,10 @@ from configs import ek100  # noqa: E402
 SEED_MS_PER_FRAME = 556 / 480
 TARGET_MS_PER_FRAME = 0.15
 SCAN_STEPS = 100
+VARIANT_SCAN_STEPS = 256
+# HLO instructions that launch nothing: they name, pack or reinterpret buffers.
+_NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+              "partition-id", "replica-id"}
 
 
 class SoftmaxCrossAttention(nn.Module):
@@ -272,6 +288,94 @@ def measure_softmax(fns, params, config, b, t, frame, reps, key):
   return row
 
 
+def kernel_count(hlo_text):
+  """Kernel launches of one call of a compiled function, from its optimized HLO
+  (jax.jit(f).lower(...).compile().as_text()).
+
+  Counts the instructions of the entry computation that run work (a fusion is one kernel; a
+  custom-call is a library call or a Pallas kernel; a dot or copy left unfused is one more), and
+  those of while bodies and conditional branches once each (one iteration). On CPU this is a proxy
+  for the GPU's count: XLA:CPU fuses differently and upcasts bfloat16 products to float32.
+  Returns {"total": n, "by_op": {opcode: n}, "params_only": the launches whose operands are all
+  entry parameters (per-call work on params alone, e.g. dtype conversions of weights)}.
+  """
+  computations, name = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      name = "ENTRY" if header.group(1) else header.group(2)
+      computations[name] = []
+    elif name and " = " in line:
+      computations[name].append(line)
+  by_op, params_only = collections.Counter(), 0
+
+  def visit(name):
+    nonlocal params_only
+    parameters = set()
+    for line in computations[name]:
+      result, rest = line.split(" = ", 1)
+      opcode = re.search(r"(?:^|\s)([a-z][a-z\-]*)\(", rest).group(1)
+      if opcode == "parameter":
+        parameters.add(result.split()[-1])
+      if opcode in _NO_LAUNCH:
+        continue
+      if opcode in ("while", "conditional"):
+        for callee in re.findall(r"(?:body|branch_computations)=\{?%?([\w.\-]+(?:, %[\w.\-]+)*)",
+                                 rest):
+          for sub in callee.replace("%", "").split(", "):
+            visit(sub)
+        continue
+      by_op[opcode] += 1
+      operands = re.findall(r"%[\w.\-]+", rest.split("),", 1)[0])
+      if name == "ENTRY" and operands and all(o in parameters for o in operands):
+        params_only += 1
+
+  visit("ENTRY")
+  return {"total": sum(by_op.values()), "by_op": dict(by_op), "params_only": params_only}
+
+
+def measure_variants(config, params, state, frame, reps):
+  """The variants table's rows (module doc) at the batch of state and frame."""
+  step = streaming.make_stream_step(config)
+  frames = jax.tree.map(lambda x: jnp.broadcast_to(x, (VARIANT_SCAN_STEPS,) + x.shape), frame)
+
+  def scan(params, state, frames):
+    return jax.lax.scan(lambda s, f: step(params, s, f), state, frames)
+
+  jit_step, jit_scan = jax.jit(step, donate_argnums=1), jax.jit(scan, donate_argnums=1)
+  variants = {"raw": params, "f32": streaming.prepare_stream_params(params, config),
+              "bf16": streaming.prepare_stream_params(params, config, cast=True)}
+  rows, reference = [], None
+  for name, prepared in variants.items():
+    prepared = jax.block_until_ready(prepared)
+    start = time.perf_counter()
+    compiled = jit_step.lower(prepared, state, frame).compile()  # timed below: no second compile
+    row = dict(variant=name, batch=frame[next(iter(frame))].shape[0],
+               params_bytes=nbytes(prepared), compile_s=time.perf_counter() - start,
+               kernels=kernel_count(compiled.as_text()))
+    (_, out), row["blocked_ms"], _ = timed(
+        lambda c: compiled(prepared, c[0], frame), (copy(state), None), reps["calls"],
+        reps["warmup"])
+    reference = out if reference is None else reference
+    row["max_abs_diff_vs_raw"] = max(float(jnp.abs(x - r).max()) for x, r in
+                                     zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
+    carry = copy(state)
+    for _ in range(reps["warmup"]):
+      carry, out = compiled(prepared, carry, frame)
+    jax.block_until_ready(carry)
+    start = time.perf_counter()
+    for _ in range(reps["calls"]):
+      carry, out = compiled(prepared, carry, frame)
+    jax.block_until_ready((carry, out))
+    row["unblocked_ms"] = 1e3 * (time.perf_counter() - start) / reps["calls"]
+    _, scan_ms, _ = timed(lambda c: jit_scan(prepared, c[0], frames), (copy(state), None),
+                          reps["scans"], 1)
+    row["scan_ms_per_frame"] = scan_ms / VARIANT_SCAN_STEPS
+    row["finite"] = finite(out)
+    rows.append(row)
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -280,6 +384,8 @@ def main():
                       "check in < 1 min")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/streaming[_quick].json);"
                       " the plot goes next to it (.png)")
+  parser.add_argument("--latency-only", action="store_true",
+                      help="only the variants table (batch 1): no t sweep, parts or softmax memory")
   args = parser.parse_args()
   out_path = Path(args.out or Path(__file__).parent / "results" /
                   f"streaming{'_quick' if args.quick else ''}.json")
@@ -307,8 +413,11 @@ def main():
   swap = mock.patch.object(clam, "CrossLinearAttention", SoftmaxCrossAttention)
   inputs = {b: (random_frames(frame_key, config, (b,)),
                 random_frames(frame_key, config, (SCAN_STEPS, b))) for b in batches}
+  state = advance(clam_fns, params, streaming.init_stream_state(config, 1), 10, *inputs[1])
+  variants = measure_variants(config, params, state, inputs[1][0], reps)
+  log("variants: " + ", ".join(f"{r['variant']} {r['blocked_ms']:.3f} ms" for r in variants))
   state, seen, rows = streaming.init_stream_state(config, 1), 0, []
-  for t in ts:
+  for t in ts if not args.latency_only else ():
     state = advance(clam_fns, params, state, t - seen, *inputs[1])
     seen = t
     log(f"batch-1 stream at t={t}")
@@ -326,10 +435,13 @@ def main():
                  jax=jax.__version__, quick=args.quick, config=config.to_dict(),
                  params_bytes=nbytes(params),
                  seed_ms_per_frame=SEED_MS_PER_FRAME, target_ms_per_frame=TARGET_MS_PER_FRAME,
-                 calls=reps, elapsed_s=time.perf_counter() - start, rows=rows)
+                 calls=reps, elapsed_s=time.perf_counter() - start, variants=variants,
+                 rows=rows)
   out_path.write_text(json.dumps(results, indent=1))
-  plot(rows, out_path.with_suffix(".png"), results["device"])
-  print_table(results, out_path)
+  if rows:
+    plot(rows, out_path.with_suffix(".png"), results["device"])
+    print_table(results, out_path)
+  print_variants(results, out_path)
 
 
 def plot(rows, path, device):
@@ -392,6 +504,20 @@ def print_table(results, out_path):
           + " " + " ".join(f"{ms(parts.get(p)):>7s}"
                            for p in ("projection", "processor", "memory", "predictor"))
           + f" {mib(r.get('state_bytes')):>10s} {mib(r.get('bytes_in_use')):>10s}")
+
+
+
+def print_variants(results, out_path):
+  print(f"\n== stream_step variants, {results['device']}, jax {results['jax']}, EK100 model"
+        f"{' (quick: tiny)' if results['quick'] else ''}, B = 1; ms; target <= "
+        f"{TARGET_MS_PER_FRAME} per frame; {out_path}")
+  print(f"{'variant':8s} {'blocked':>8s} {'unblocked':>10s} {'scan/frame':>11s} {'kernels':>8s} "
+        f"{'params-only':>12s} {'params MiB':>11s} {'max |diff|':>11s}")
+  for r in results["variants"]:
+    print(f"{r['variant']:8s} {r['blocked_ms']:8.3f} {r['unblocked_ms']:10.3f} "
+          f"{r['scan_ms_per_frame']:11.4f} {r['kernels']['total']:8d} "
+          f"{r['kernels']['params_only']:12d} {r['params_bytes'] / 2**20:11.1f} "
+          f"{r['max_abs_diff_vs_raw']:11.2e}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ S^l_t depends on the frames only, never on the memory tokens, so every layer's s
 `pallas.gated_linear_attention` over the frames; the tokens are needed at one step only (the last
 one for the predictor, the current one in streaming), so they are read out of S_T directly rather
 than through the op's per-step outputs (T * M * D values per layer, all but one step unused).
-The same code serves a full sequence (state None) and one streaming step (T = 1, the carried state).
+The same code serves a full sequence (state None) and one streaming step (T = 1, the carried state;
+its update is written out in plain jnp rather than a call of the op for one step).
 """
 
 import flax.linen as nn
@@ -88,10 +89,18 @@ class CrossLinearAttention(nn.Module):
     g = jnp.where(mask[..., None, None], g, 0)
     if config.memory_normalize:
       v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-    # Only S_T is used: the op's own read-out gets one zero query per step (see module doc).
-    _, state = pallas.gated_linear_attention(
-        jnp.zeros_like(k), k, v, g, initial_state=state, return_final_state=True,
-        implementation=config.scan_impl)
+    if frames.shape[1] == 1:
+      # One frame (a streaming step): the update itself is a few elementwise ops that XLA fuses,
+      # where the op would launch a kernel (or a scan) for a single step.
+      f32 = lambda x: x[:, 0].astype(jnp.float32)
+      decay = jnp.exp(f32(g))[..., None]
+      update = f32(k)[..., None] * f32(v)[..., None, :]
+      state = update if state is None else decay * state + update
+    else:
+      # Only S_T is used: the op's own read-out gets one zero query per step (see module doc).
+      _, state = pallas.gated_linear_attention(
+          jnp.zeros_like(k), k, v, g, initial_state=state, return_final_state=True,
+          implementation=config.scan_impl)
     o = dk ** -0.5 * jnp.einsum("bmhk,bhkv->bmhv", q.astype(jnp.float32), state,
                                 precision="highest")
     if config.memory_normalize:
@@ -116,48 +125,78 @@ class MemoryLayer(nn.Module):
   """One memory layer: self-attention, cross linear attention, FFN; pre-LayerNorm residuals."""
   config: ml_collections.ConfigDict
 
-  @nn.compact
+  def setup(self):
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    norm = lambda: nn.LayerNorm(dtype=dtype)
+    self.self_attention_norm = norm()
+    self.self_attention = nn.MultiHeadDotProductAttention(config.memory_heads, dtype=dtype)
+    self.cross_attention_norm = norm()
+    self.frame_norm = norm()
+    self.cross_attention = CrossLinearAttention(config)
+    self.ffn_norm = norm()
+    self.ffn = FeedForward(config)
+    self.dropout = nn.Dropout(config.dropout)
+
+  def attend(self, tokens, *, train):
+    """The self-attention block: tokens (..., M, D) float32 -> (..., M, D) float32."""
+    h = self.self_attention_norm(tokens)
+    return tokens + self.dropout(self.self_attention(h), deterministic=not train)
+
+  def read(self, tokens, frames, mask, state, *, train):
+    """The cross-attention and FFN blocks on the self-attended tokens (B, M, D) float32, with
+    `__call__`'s other arguments; returns `__call__`'s outputs."""
+    read, state = self.cross_attention(self.cross_attention_norm(tokens), self.frame_norm(frames),
+                                       mask, state)
+    tokens = tokens + self.dropout(read, deterministic=not train)
+    h = self.ffn(self.ffn_norm(tokens), train=train)
+    return tokens + self.dropout(h, deterministic=not train), state
+
   def __call__(self, tokens, frames, mask, state, *, train):
     """tokens: (B, M, D) float32, the previous layer's tokens at step T; frames: (B, T, D);
     mask: (B, T) bool; state: (B, H, DK, DV') float32 or None.
 
     Returns (tokens (B, M, D) float32 at step T, S_T).
     """
-    config = self.config
-    dtype = jnp.dtype(config.dtype)
-    drop = lambda x: nn.Dropout(config.dropout)(x, deterministic=not train)
-    norm = lambda name: nn.LayerNorm(dtype=dtype, name=name)
-    h = norm("self_attention_norm")(tokens)
-    tokens = tokens + drop(nn.MultiHeadDotProductAttention(
-        config.memory_heads, dtype=dtype, name="self_attention")(h))
-    read, state = CrossLinearAttention(config, name="cross_attention")(
-        norm("cross_attention_norm")(tokens), norm("frame_norm")(frames), mask, state)
-    tokens = tokens + drop(read)
-    h = norm("ffn_norm")(tokens)
-    tokens = tokens + drop(FeedForward(config, name="ffn")(h, train=train))
-    return tokens, state
+    return self.read(self.attend(tokens, train=train), frames, mask, state, train=train)
 
 
 class CLAMMemory(nn.Module):
   """The memory_layers-layer CLAM memory over memory_tokens learned queries (see module doc)."""
   config: ml_collections.ConfigDict
 
-  @nn.compact
-  def __call__(self, frames, mask, state=None, *, train):
+  def setup(self):
+    config = self.config
+    check_memory_config(config)
+    self.queries = self.param("queries", nn.initializers.normal(0.02),
+                              (config.memory_tokens, config.d_model))
+    self.layers = [MemoryLayer(config, name=f"layer_{i}") for i in range(config.memory_layers)]
+    self.final_norm = nn.LayerNorm(dtype=jnp.dtype(config.dtype))
+
+  def first_tokens(self):
+    """(M, D) float32: layer 0's tokens after its self-attention without dropout. They depend on
+    the params only (layer 0 starts from the learned queries at every step), so streaming computes
+    them once."""
+    return self.layers[0].attend(self.queries, train=False)
+
+  def __call__(self, frames, mask, state=None, *, train, first_tokens=None):
     """frames: (B, T, D) projected frame features; mask: (B, T) bool (False = padding);
-    state: `init_memory_state(config, B)` (the memory before frame 1) or None (zeros).
+    state: `init_memory_state(config, B)` (the memory before frame 1) or None (zeros);
+    first_tokens: `first_tokens()` computed beforehand (train=False only), or None.
 
     Returns (memory tokens at step T (B, M, D) in config.dtype, new state: a tuple of S_T, one per
     layer). Needs a "dropout" rng when train and config.dropout > 0.
     """
-    config = self.config
-    check_memory_config(config)
-    queries = self.param("queries", nn.initializers.normal(0.02),
-                         (config.memory_tokens, config.d_model))
-    tokens = jnp.broadcast_to(queries, (frames.shape[0],) + queries.shape)
+    batch = (frames.shape[0],) + self.queries.shape
+    if first_tokens is None:
+      tokens = self.layers[0].attend(jnp.broadcast_to(self.queries, batch), train=train)
+    else:
+      tokens = jnp.broadcast_to(first_tokens, batch)
     states = []
-    for i in range(config.memory_layers):
-      tokens, layer_state = MemoryLayer(config, name=f"layer_{i}")(
-          tokens, frames, mask, None if state is None else state[i], train=train)
+    for i, layer in enumerate(self.layers):
+      if i:
+        tokens = layer.attend(tokens, train=train)
+      tokens, layer_state = layer.read(tokens, frames, mask, None if state is None else state[i],
+                                       train=train)
       states.append(layer_state)
-    return nn.LayerNorm(dtype=jnp.dtype(config.dtype), name="final_norm")(tokens), tuple(states)
+    return self.final_norm(tokens), tuple(states)

@@ -22,32 +22,66 @@ class DecoderLayer(nn.Module):
   """One post-norm decoder layer (see module doc); the residual stream is float32."""
   config: ml_collections.ConfigDict
 
-  @nn.compact
+  def setup(self):
+    config = self.config
+    attention = lambda: nn.MultiHeadDotProductAttention(config.predictor_heads,
+                                                        dtype=jnp.dtype(config.dtype))
+    self.self_attention = attention()
+    self.self_attention_norm = nn.LayerNorm(dtype=jnp.float32)
+    self.cross_attention = attention()
+    self.cross_attention_norm = nn.LayerNorm(dtype=jnp.float32)
+    self.ffn = FeedForward(config)
+    self.ffn_norm = nn.LayerNorm(dtype=jnp.float32)
+    self.dropout = nn.Dropout(config.dropout)
+
+  def attend(self, x, pos, *, train):
+    """The self-attention block: x (..., F, D) float32, pos (F, D) -> (..., F, D) float32."""
+    q = x + pos
+    return self.self_attention_norm(
+        x + self.dropout(self.self_attention(q, q, x), deterministic=not train))
+
+  def read(self, x, pos, context, cross_mask, *, train):
+    """The cross-attention and FFN blocks on the self-attended x, with `__call__`'s other
+    arguments; returns `__call__`'s output."""
+    drop = lambda y: self.dropout(y, deterministic=not train)
+    x = self.cross_attention_norm(x + drop(self.cross_attention(x + pos, context, context,
+                                                                mask=cross_mask)))
+    return self.ffn_norm(x + drop(self.ffn(x, train=train)))
+
   def __call__(self, x, pos, context, cross_mask, *, train):
     """x: (B, F, D) float32; pos: (F, D); context: (B, Nc, D); cross_mask: (B, 1, F, Nc) bool.
 
     Returns (B, F, D) float32.
     """
-    config = self.config
-    attention = lambda name: nn.MultiHeadDotProductAttention(
-        config.predictor_heads, dtype=jnp.dtype(config.dtype), name=name)
-    drop = lambda y: nn.Dropout(config.dropout)(y, deterministic=not train)
-    norm = lambda name: nn.LayerNorm(dtype=jnp.float32, name=name)
-    q = x + pos
-    x = norm("self_attention_norm")(x + drop(attention("self_attention")(q, q, x)))
-    x = norm("cross_attention_norm")(x + drop(attention("cross_attention")(
-        x + pos, context, context, mask=cross_mask)))
-    return norm("ffn_norm")(x + drop(FeedForward(config, name="ffn")(x, train=train)))
+    return self.read(self.attend(x, pos, train=train), pos, context, cross_mask, train=train)
 
 
 class FuturePredictor(nn.Module):
   """[act-tokens ; memory tokens] -> F future tokens in one shot."""
   config: ml_collections.ConfigDict
 
-  @nn.compact
-  def __call__(self, act_tokens, act_mask, memory_tokens, *, train):
+  def setup(self):
+    config = self.config
+    type_embedding = lambda name: self.param(name, nn.initializers.normal(0.02),
+                                             (config.d_model,))
+    if config.type_embeddings:
+      self.act_type = type_embedding("act_type")
+      if config.memory:
+        self.memory_type = type_embedding("memory_type")
+    self.pos = self.param("future_queries", nn.initializers.xavier_uniform(),
+                          (config.future_queries, config.d_model))
+    self.layers = [DecoderLayer(config, name=f"layer_{i}")
+                   for i in range(config.predictor_layers)]
+
+  def first_targets(self):
+    """(F, D) float32: layer 0's targets after its self-attention without dropout. The targets
+    start at zero, so these depend on the params only and streaming computes them once."""
+    return self.layers[0].attend(jnp.zeros(self.pos.shape, jnp.float32), self.pos, train=False)
+
+  def __call__(self, act_tokens, act_mask, memory_tokens, *, train, first_targets=None):
     """act_tokens: (B, N, D); act_mask: (B, N) bool (False = no token: never attended);
-    memory_tokens: (B, M, D) or None (memory off).
+    memory_tokens: (B, M, D) or None (memory off); first_targets: `first_targets()` computed
+    beforehand (train=False only), or None.
 
     Returns future tokens (B, F, D) in config.dtype. Needs a "dropout" rng when train and
     config.dropout > 0. With no valid act-token and no memory the attention is uniform over the
@@ -55,23 +89,25 @@ class FuturePredictor(nn.Module):
     """
     config = self.config
     dtype = jnp.dtype(config.dtype)
-    type_embedding = lambda name: self.param(
-        name, nn.initializers.normal(0.02), (config.d_model,)).astype(dtype)
     context, context_mask = act_tokens.astype(dtype), act_mask
     if config.type_embeddings:
-      context = context + type_embedding("act_type")
+      context = context + self.act_type.astype(dtype)
     if memory_tokens is not None:
       memory_tokens = memory_tokens.astype(dtype)
       if config.type_embeddings:
-        memory_tokens = memory_tokens + type_embedding("memory_type")
+        memory_tokens = memory_tokens + self.memory_type.astype(dtype)
       context = jnp.concatenate([context, memory_tokens], axis=1)
       context_mask = jnp.concatenate([act_mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
     batch, num_queries = act_tokens.shape[0], config.future_queries
-    pos = self.param("future_queries", nn.initializers.xavier_uniform(),
-                     (num_queries, config.d_model))
     cross_mask = jnp.broadcast_to(context_mask[:, None, None, :],
                                   (batch, 1, num_queries, context.shape[1]))
-    x = jnp.zeros((batch, num_queries, config.d_model), jnp.float32)
-    for i in range(config.predictor_layers):
-      x = DecoderLayer(config, name=f"layer_{i}")(x, pos, context, cross_mask, train=train)
+    shape = (batch, num_queries, config.d_model)
+    if first_targets is None:
+      x = self.layers[0].attend(jnp.zeros(shape, jnp.float32), self.pos, train=train)
+    else:
+      x = jnp.broadcast_to(first_targets, shape)
+    for i, layer in enumerate(self.layers):
+      if i:
+        x = layer.attend(x, self.pos, train=train)
+      x = layer.read(x, self.pos, context, cross_mask, train=train)
     return x.astype(dtype)

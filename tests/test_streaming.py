@@ -1,5 +1,9 @@
 """Streaming: stream_step over x_1..x_t == the full forward on x_1..x_t at every t; fixed-size
-state; jit, vmap and export agree; errors."""
+state; jit, vmap and export agree; prepared params give the same outputs with fewer kernels;
+errors."""
+
+import importlib.util
+import os
 
 import functools
 
@@ -9,8 +13,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+_spec = importlib.util.spec_from_file_location(
+    "streaming_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                        "streaming.py"))
+streaming_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(streaming_benchmark)
+
 from clam_jax.model import CLAM
-from clam_jax.streaming import init_stream_state, make_stream_step
+from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
 
 MODALITIES = {"rgb": 20, "flow": 6}
 B, T, N = 2, 12, 5
@@ -131,6 +141,51 @@ def test_jit_vmap_and_export_agree():
   group = lambda tree, i: jax.tree.map(lambda v: v[i], tree)
   assert _max_rel_err((group(vmapped_state, 0), group(vmapped_out, 0)), (new_state, out)) <= 1e-5
   assert _max_rel_err(group(vmapped_out, 1), group(outs, 0)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
+  _, params, _, _, _ = _setup()
+  config = _config(dtype=dtype)
+  step = make_stream_step(config)
+  rng = np.random.default_rng()
+  frames = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), _frames(rng, B, T))
+  run = jax.jit(lambda p, state: jax.lax.scan(lambda s, f: step(p, s, f), state, frames))
+  initial = init_stream_state(config, B)
+  ref_state, ref = run(params, initial)
+  for cast in (False, True):
+    prepared = prepare_stream_params(params, config, cast=cast)
+    kernel = prepared["params"]["predictor"]["layer_0"]["ffn"]["hidden"]["kernel"]
+    assert kernel.dtype == (jnp.dtype(dtype) if cast else jnp.float32)
+    assert prepared["params"]["processor"]["layer_0"]["A_log"].dtype == jnp.float32
+    state, out = run(prepared, initial)
+    # float32: only the summation order may differ; bfloat16: the constants are rounded once to
+    # bfloat16 by the first layers where the raw step rounds them in place.
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    assert _max_rel_err((state["memory"], state["processor"], out),
+                        (ref_state["memory"], ref_state["processor"], ref)) <= tolerance
+  if dtype != "float32":
+    return
+  frame = jax.tree.map(lambda v: v[0], frames)
+  count = lambda p: streaming_benchmark.kernel_count(
+      jax.jit(step).lower(p, initial, frame).compile().as_text())
+  raw, fast = count(params), count(prepare_stream_params(params, config))
+  # Layer 0 of the memory (self-attention of the learned queries) and of the predictor
+  # (self-attention of zero targets) run once in prepare_stream_params, not in every step.
+  assert 0 < fast["total"] <= raw["total"] - 10, (raw, fast)
+  # The exported step takes prepared params as well.
+  prepared = prepare_stream_params(params, config)
+  exported = jax.export.export(jax.jit(step))(prepared, initial, frame)
+  assert _max_rel_err(exported.call(prepared, initial, frame), step(prepared, initial, frame)) <= 1e-6
+
+
+def test_kernel_count_reads_hlo():
+  hlo = jax.jit(lambda w, x: (jnp.tanh(x @ w.astype(jnp.bfloat16)), x + 1)).lower(
+      jnp.ones((8, 8)), jnp.ones((4, 8), jnp.bfloat16)).compile().as_text()
+  count = streaming_benchmark.kernel_count(hlo)
+  assert count["total"] == sum(count["by_op"].values()) >= 2
+  assert count["params_only"] >= 1  # the conversion of w, or x + 1
+  assert not set(count["by_op"]) & {"parameter", "tuple", "constant"}
 
 
 def test_uniform_selection_cannot_stream():
