@@ -6,7 +6,8 @@ Usage (GPU):  python benchmarks/streaming.py [--out benchmarks/results/streaming
 
 Variants table (every run, batch 1, from the state after 10 frames): the step with the params
   raw       as the model holds them (stream_step(params, ...))
-  f32       streaming.prepare_stream_params(params, config): params-only work done once
+  f32       streaming.prepare_stream_params(params, config): params-only work done once, the
+            projections that share an input merged into one product each
   bf16      the same with cast=True: Dense kernels and biases in the compute dtype, cast once
 and for each: blocked (median ms of single calls, each blocked on), unblocked (mean ms per call of
 a Python loop of calls blocked once at the end: dispatch overlaps the device), scan (ms per frame

@@ -71,9 +71,12 @@ class CrossLinearAttention(nn.Module):
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, tokens, frames, mask, state):
+  def __call__(self, tokens, frames, mask, state, projections=None):
     """tokens: (B, M, D) normalised queries at step T; frames: (B, T, D) normalised frames;
-    mask: (B, T) bool; state: (B, H, DK, DV') float32 before frame 1, or None (zeros).
+    mask: (B, T) bool; state: (B, H, DK, DV') float32 before frame 1, or None (zeros);
+    projections: {name: projection} computed beforehand, for any of "query" ((B, M, H, DK): tokens
+    is then unused) and "key", "value", "gate" (all three, each (B, T, H, DK): frames is then
+    unused), in config.dtype (streaming's merged products), or None.
 
     Returns (read-out (B, M, D) at step T in config.dtype, S_T (B, H, DK, DV') float32).
     """
@@ -82,14 +85,19 @@ class CrossLinearAttention(nn.Module):
     heads, dk = config.memory_heads, config.d_model // config.memory_heads
     project = lambda name: nn.DenseGeneral((heads, dk), dtype=dtype, name=name)
     phi = lambda x: _feature_map(config.memory_feature_map, x)
-    q = phi(project("query")(tokens))                            # (B, M, H, DK)
-    k = jnp.where(mask[..., None, None], phi(project("key")(frames)), 0)
-    v = project("value")(frames)
-    g = jax.nn.log_sigmoid(project("gate")(frames).astype(jnp.float32)) / config.gate_temperature
+    projections = dict(projections or {})
+    if "query" not in projections:
+      projections["query"] = project("query")(tokens)
+    if "key" not in projections:
+      projections.update({name: project(name)(frames) for name in ("key", "value", "gate")})
+    q = phi(projections["query"])                                # (B, M, H, DK)
+    k = jnp.where(mask[..., None, None], phi(projections["key"]), 0)
+    v = projections["value"]
+    g = jax.nn.log_sigmoid(projections["gate"].astype(jnp.float32)) / config.gate_temperature
     g = jnp.where(mask[..., None, None], g, 0)
     if config.memory_normalize:
       v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-    if frames.shape[1] == 1:
+    if k.shape[1] == 1:
       # One frame (a streaming step): the update itself is a few elementwise ops that XLA fuses,
       # where the op would launch a kernel (or a scan) for a single step.
       f32 = lambda x: x[:, 0].astype(jnp.float32)
@@ -143,11 +151,14 @@ class MemoryLayer(nn.Module):
     h = self.self_attention_norm(tokens)
     return tokens + self.dropout(self.self_attention(h), deterministic=not train)
 
-  def read(self, tokens, frames, mask, state, *, train):
+  def read(self, tokens, frames, mask, state, *, train, projections=None):
     """The cross-attention and FFN blocks on the self-attended tokens (B, M, D) float32, with
-    `__call__`'s other arguments; returns `__call__`'s outputs."""
-    read, state = self.cross_attention(self.cross_attention_norm(tokens), self.frame_norm(frames),
-                                       mask, state)
+    `__call__`'s other arguments; returns `__call__`'s outputs. projections: as
+    CrossLinearAttention's, of the normalised tokens and frames; or None."""
+    projections = projections or {}
+    read, state = self.cross_attention(
+        None if "query" in projections else self.cross_attention_norm(tokens),
+        None if "key" in projections else self.frame_norm(frames), mask, state, projections)
     tokens = tokens + self.dropout(read, deterministic=not train)
     h = self.ffn(self.ffn_norm(tokens), train=train)
     return tokens + self.dropout(h, deterministic=not train), state
@@ -179,24 +190,17 @@ class CLAMMemory(nn.Module):
     them once."""
     return self.layers[0].attend(self.queries, train=False)
 
-  def __call__(self, frames, mask, state=None, *, train, first_tokens=None):
+  def __call__(self, frames, mask, state=None, *, train):
     """frames: (B, T, D) projected frame features; mask: (B, T) bool (False = padding);
-    state: `init_memory_state(config, B)` (the memory before frame 1) or None (zeros);
-    first_tokens: `first_tokens()` computed beforehand (train=False only), or None.
+    state: `init_memory_state(config, B)` (the memory before frame 1) or None (zeros).
 
     Returns (memory tokens at step T (B, M, D) in config.dtype, new state: a tuple of S_T, one per
     layer). Needs a "dropout" rng when train and config.dropout > 0.
     """
-    batch = (frames.shape[0],) + self.queries.shape
-    if first_tokens is None:
-      tokens = self.layers[0].attend(jnp.broadcast_to(self.queries, batch), train=train)
-    else:
-      tokens = jnp.broadcast_to(first_tokens, batch)
+    tokens = jnp.broadcast_to(self.queries, (frames.shape[0],) + self.queries.shape)
     states = []
     for i, layer in enumerate(self.layers):
-      if i:
-        tokens = layer.attend(tokens, train=train)
-      tokens, layer_state = layer.read(tokens, frames, mask, None if state is None else state[i],
-                                       train=train)
+      tokens, layer_state = layer(tokens, frames, mask, None if state is None else state[i],
+                                  train=train)
       states.append(layer_state)
     return self.final_norm(tokens), tuple(states)

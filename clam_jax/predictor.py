@@ -78,10 +78,9 @@ class FuturePredictor(nn.Module):
     start at zero, so these depend on the params only and streaming computes them once."""
     return self.layers[0].attend(jnp.zeros(self.pos.shape, jnp.float32), self.pos, train=False)
 
-  def __call__(self, act_tokens, act_mask, memory_tokens, *, train, first_targets=None):
+  def __call__(self, act_tokens, act_mask, memory_tokens, *, train):
     """act_tokens: (B, N, D); act_mask: (B, N) bool (False = no token: never attended);
-    memory_tokens: (B, M, D) or None (memory off); first_targets: `first_targets()` computed
-    beforehand (train=False only), or None.
+    memory_tokens: (B, M, D) or None (memory off).
 
     Returns future tokens (B, F, D) in config.dtype. Needs a "dropout" rng when train and
     config.dropout > 0. With no valid act-token and no memory the attention is uniform over the
@@ -101,13 +100,7 @@ class FuturePredictor(nn.Module):
     batch, num_queries = act_tokens.shape[0], config.future_queries
     cross_mask = jnp.broadcast_to(context_mask[:, None, None, :],
                                   (batch, 1, num_queries, context.shape[1]))
-    shape = (batch, num_queries, config.d_model)
-    if first_targets is None:
-      x = self.layers[0].attend(jnp.zeros(shape, jnp.float32), self.pos, train=train)
-    else:
-      x = jnp.broadcast_to(first_targets, shape)
-    for i, layer in enumerate(self.layers):
-      if i:
-        x = layer.attend(x, self.pos, train=train)
-      x = layer.read(x, self.pos, context, cross_mask, train=train)
+    x = jnp.zeros((batch, num_queries, config.d_model), jnp.float32)
+    for layer in self.layers:
+      x = layer(x, self.pos, context, cross_mask, train=train)
     return x.astype(dtype)

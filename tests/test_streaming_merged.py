@@ -1,0 +1,117 @@
+"""The prepared step's merged products: the same outputs as the raw step and the full forward for
+configs that take each branch (F = 1 and F > 1 after the first predictor layer, one or two memory
+layers, memory off, normalised elu1 memory, no type embeddings), one product per merged group,
+and fewer kernels than before the merge."""
+
+import functools
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "streaming_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                        "streaming.py"))
+streaming_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(streaming_benchmark)
+
+from clam_jax.model import CLAM
+from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
+
+MODALITIES = {"rgb": 20, "flow": 6}
+B, T = 2, 9
+# EK100's layout at a small width: F = 1, two predictor and memory layers, three heads.
+EK100_LIKE = dict(future_queries=1, predictor_layers=2, heads={"verb": 7, "noun": 11, "action": 13})
+
+
+def _config(**overrides):
+  fields = dict(
+      modalities=MODALITIES, d_model=32, dropout=0.1, dtype="float32", processor="mamba",
+      processor_layers=1, ssm=dict(d_state=4, d_conv=4, expand=2), memory=True, memory_tokens=4,
+      memory_layers=2, memory_heads=2, memory_feature_map="identity", memory_normalize=False,
+      gate_temperature=16.0, scan_impl="auto", num_act_tokens=5, act_token_selection="fifo",
+      type_embeddings=True, future_queries=3, predictor_layers=1, predictor_heads=2,
+      heads={"verb": 7, "noun": 11})
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def _rel_err(x, ref):
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
+
+
+def _max_rel_err(out, ref):
+  return max(_rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+
+
+def _params(config):
+  """Random params (not the init: random norms, biases and type embeddings exercise the folds)."""
+  features = {m: np.ones((1, 2, d), np.float32) for m, d in MODALITIES.items()}
+  shapes = jax.eval_shape(functools.partial(CLAM(config).init, train=False), jax.random.key(0),
+                          features, np.ones((1, 2), bool))["params"]
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+
+
+@pytest.mark.parametrize("overrides", [
+    EK100_LIKE,
+    dict(predictor_layers=3, memory_layers=1, memory_feature_map="elu1", memory_normalize=True,
+         type_embeddings=False),
+    dict(memory=False, processor="gru", predictor_layers=2, future_queries=2),
+], ids=["ek100_like", "f3_one_memory_layer_elu1", "no_memory"])
+def test_merged_step_equals_raw_step_and_forward(overrides):
+  config = _config(**overrides)
+  params = _params(config)
+  step = make_stream_step(config)
+  rng = np.random.default_rng()
+  x = {m: rng.standard_normal((B, T, d)).astype(np.float32) for m, d in MODALITIES.items()}
+  frames = jax.tree.map(lambda v: jnp.moveaxis(v, 1, 0), x)
+  run = jax.jit(lambda p: jax.lax.scan(lambda s, f: step(p, s, f), init_stream_state(config, B),
+                                       frames))
+  ref_state, ref = run(params)
+  state, outs = run(prepare_stream_params(params, config))
+  assert _max_rel_err(outs, ref) <= 1e-5
+  assert _max_rel_err(state, ref_state) <= 1e-5
+  # And the full forward on the whole window, as the raw step is tested against it at every t.
+  full = CLAM(config).apply({"params": params}, x, np.ones((B, T), bool), train=False)
+  last = {"future": full["future"], "past": jax.tree.map(lambda r: r[:, -1], full["past"])}
+  assert _max_rel_err(jax.tree.map(lambda o: o[-1], outs), last) <= 1e-5
+
+
+def test_merged_step_runs_one_product_per_merged_group():
+  config = _config(**EK100_LIKE)
+  params = _params(config)
+  step = make_stream_step(config)
+  state = init_stream_state(config, B)
+  frame = {m: np.ones((B, d), np.float32) for m, d in MODALITIES.items()}
+  products = lambda p: jax.jit(step).lower(p, state, frame).as_text().count(
+      "= stablehlo.dot_general")
+  # 2 input projections, 5 in the Mamba layer; memory: 1 for every layer's frame key, value and
+  # gate, layer 0 (its query is a constant) read-out, out and FFN (4), layer 1 self-attention
+  # (qkv, 2 in the attention, out) and query, read-out, out, FFN (9); predictor: 1 for every
+  # layer's context keys and values, layer 0 (its query a constant) 2 in the attention, out, FFN
+  # (5), layer 1 self-attention (F = 1: value-out, 1) and query, 2 in the attention, out, FFN (7);
+  # 1 for every classifier.
+  merged = 2 + 5 + (1 + 4 + 9) + (1 + 5 + 7) + 1
+  assert products(prepare_stream_params(params, config)) == merged
+  assert products(params) >= merged + 20
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_merged_step_has_far_fewer_kernels(cast):
+  config = _config(**EK100_LIKE, dtype="bfloat16" if cast else "float32")
+  params = _params(config)
+  step = make_stream_step(config)
+  state = init_stream_state(config, B)
+  frame = {m: np.ones((B, d), np.float32) for m, d in MODALITIES.items()}
+  count = lambda p: streaming_benchmark.kernel_count(
+      jax.jit(step).lower(p, state, frame).compile().as_text())["total"]
+  raw, fast = count(params), count(prepare_stream_params(params, config, cast=cast))
+  # Before the merge (layer-0 constants only) the prepared step saved 28 (float32) and 85
+  # (bfloat16, cast) of this config's CPU kernels.
+  assert 0 < fast <= raw - (45 if not cast else 110), (raw, fast)
