@@ -4,26 +4,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from clam_jax.model import CLAM, check_config, select_act_tokens
-
-MODALITIES = {"rgb": 20, "flow": 6}
-
-
-def _config(**overrides):
-  fields = dict(
-      modalities=MODALITIES, d_model=32, dropout=0.1, dtype="float32", processor="mamba",
-      processor_layers=1, ssm=dict(d_state=4, d_conv=4, expand=2), memory=True, memory_tokens=4,
-      memory_layers=2, memory_heads=2, memory_feature_map="identity", memory_normalize=False,
-      gate_temperature=16.0, scan_impl="auto", num_act_tokens=5, act_token_selection="fifo",
-      type_embeddings=True, future_queries=3, predictor_layers=1, predictor_heads=2,
-      heads={"verb": 7, "noun": 11})
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+from helpers import MODALITIES, model_config
 
 
 def _inputs(rng, b, t, modalities=MODALITIES):
@@ -52,7 +38,7 @@ def _abstract_outputs(config, b, t):
     (dict(heads={"action": 13}, modalities={"obj": 5}, processor="gru"), 2),
 ])
 def test_output_shapes(overrides, t):
-  config = _config(**overrides)
+  config = model_config(**overrides)
   params, outputs = _abstract_outputs(config, 2, t)
   assert set(outputs) == {"future", "past"}
   for head, classes in config.heads.items():
@@ -68,7 +54,7 @@ def test_output_shapes(overrides, t):
 
 
 def test_bfloat16_compute_float32_params_and_logits():
-  params, outputs = _abstract_outputs(_config(dtype="bfloat16"), 2, 6)
+  params, outputs = _abstract_outputs(model_config(dtype="bfloat16"), 2, 6)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(outputs)} == {jnp.dtype(jnp.float32)}
 
@@ -113,14 +99,14 @@ def test_uniform_spreads_over_the_real_frames_of_each_window():
 ])
 def test_input_errors_say_what_was_expected(change, message):
   features, mask = change(*_inputs(np.random.default_rng(), 2, 5))
-  model = CLAM(_config())
+  model = CLAM(model_config())
   with pytest.raises(ValueError, match=message):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), features, mask)
 
 
 def test_config_error_names_the_field():
   features, mask = _inputs(np.random.default_rng(), 1, 3)
-  model = CLAM(_config(act_token_selection="random"))
+  model = CLAM(model_config(act_token_selection="random"))
   with pytest.raises(ValueError, match="act_token_selection.*'random'"):
     jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), features, mask)
 
@@ -130,7 +116,7 @@ def test_learns_a_cue_many_frames_back():
   # the last 3 act-tokens, so the answer must travel 8 frames through the processor or the memory.
   # (GRU and no dropout: the cheapest config to compile; the others differ in parts tested apart.)
   classes, t, cue, batch, steps = 5, 12, 3, 32, 300
-  config = _config(modalities={"rgb": 8}, heads={"action": classes}, future_queries=1,
+  config = model_config(modalities={"rgb": 8}, heads={"action": classes}, future_queries=1,
                    num_act_tokens=3, processor="gru", dropout=0.0)
   model = CLAM(config)
   embeddings = jax.random.normal(jax.random.key(0), (classes, 8))
@@ -176,7 +162,7 @@ def _kernel_test_model(scan_impl):
   (d sum(outputs * weights) / d params["memory"], outputs)) of a tiny model whose memory runs
   scan_impl; DK = 12, which the kernels pad to 16. Only the memory's gradients are taken: all of
   them pass through the scan's backward, and the processor's backward would double the compile."""
-  model = CLAM(_config(processor="gru", d_model=24, dropout=0.0, memory_layers=1,
+  model = CLAM(model_config(processor="gru", d_model=24, dropout=0.0, memory_layers=1,
                        heads={"action": 13}, scan_impl=scan_impl))
   apply = lambda params, features, mask: model.apply({"params": params}, features, mask,
                                                      train=False)
@@ -222,4 +208,4 @@ def test_memory_kernels_give_the_reference_outputs(scan_impl, check_grads):
 ])
 def test_check_config_names_processor_and_memory_fields(overrides, message):
   with pytest.raises(ValueError, match=message):
-    check_config(_config(**overrides))
+    check_config(model_config(**overrides))

@@ -2,49 +2,20 @@
 state; jit, vmap and export agree; prepared params give the same outputs with fewer kernels;
 errors."""
 
-import importlib.util
-import os
-
 import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "streaming_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
-                                        "streaming.py"))
-streaming_benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(streaming_benchmark)
-
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
+from helpers import MODALITIES, load_streaming_benchmark, max_rel_err, model_config
 
-MODALITIES = {"rgb": 20, "flow": 6}
+streaming_benchmark = load_streaming_benchmark()
+
 B, T, N = 2, 12, 5
-
-
-def _config(**overrides):
-  fields = dict(
-      modalities=MODALITIES, d_model=32, dropout=0.1, dtype="float32", processor="mamba",
-      processor_layers=1, ssm=dict(d_state=4, d_conv=4, expand=2), memory=True, memory_tokens=4,
-      memory_layers=2, memory_heads=2, memory_feature_map="identity", memory_normalize=False,
-      gate_temperature=16.0, scan_impl="auto", num_act_tokens=N, act_token_selection="fifo",
-      type_embeddings=True, future_queries=3, predictor_layers=1, predictor_heads=2,
-      heads={"verb": 7, "noun": 11})
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
-def _max_rel_err(out, ref):
-  return max(_rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
 
 
 def _last(outputs):
@@ -61,7 +32,7 @@ def _setup(processor="mamba", memory=True):
   """(config, params, jitted forward(features, mask), stream_step, jitted stream(state, features)
   -> (state, outputs with time first)). Params are random, not the init: the equalities must
   hold for any, and random norms and biases exercise more than ones and zeros."""
-  config = _config(processor=processor, memory=memory, type_embeddings=memory)
+  config = model_config(processor=processor, memory=memory, type_embeddings=memory)
   model = CLAM(config)
   features, mask = _frames(np.random.default_rng(0), 1, 2), np.ones((1, 2), bool)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
@@ -98,10 +69,10 @@ def test_stream_equals_forward_on_every_prefix(processor, memory):
   at = lambda t: jax.tree.map(lambda o: o[t - 1], outs)
   for t in range(1, T + 1):
     rows = slice((t - 1) * B, t * B)
-    assert _max_rel_err(at(t), _last(jax.tree.map(lambda r: r[rows], ref))) <= 1e-5, t
+    assert max_rel_err(at(t), _last(jax.tree.map(lambda r: r[rows], ref))) <= 1e-5, t
   # The last block has no padding; a window shorter than N without padding at all:
   short = forward({m: v[:, :3] for m, v in x.items()}, np.ones((B, 3), bool))
-  assert _max_rel_err(at(3), _last(short)) <= 1e-5
+  assert max_rel_err(at(3), _last(short)) <= 1e-5
 
 
 def test_state_size_is_fixed():
@@ -139,14 +110,14 @@ def test_jit_vmap_and_export_agree():
   vmapped_state, vmapped_out = jax.jit(jax.vmap(step, in_axes=(None, 0, 0)))(
       params, stack(state, initial), stack(frame, jax.tree.map(lambda v: v[:, 0], x)))
   group = lambda tree, i: jax.tree.map(lambda v: v[i], tree)
-  assert _max_rel_err((group(vmapped_state, 0), group(vmapped_out, 0)), (new_state, out)) <= 1e-5
-  assert _max_rel_err(group(vmapped_out, 1), group(outs, 0)) <= 1e-5
+  assert max_rel_err((group(vmapped_state, 0), group(vmapped_out, 0)), (new_state, out)) <= 1e-5
+  assert max_rel_err(group(vmapped_out, 1), group(outs, 0)) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
   _, params, _, _, _ = _setup()
-  config = _config(dtype=dtype)
+  config = model_config(dtype=dtype)
   step = make_stream_step(config)
   rng = np.random.default_rng()
   frames = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), _frames(rng, B, T))
@@ -162,7 +133,7 @@ def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
     # float32: only the summation order may differ; bfloat16: the constants are rounded once to
     # bfloat16 by the first layers where the raw step rounds them in place.
     tolerance = 1e-5 if dtype == "float32" else 2e-2
-    assert _max_rel_err((state["memory"], state["processor"], out),
+    assert max_rel_err((state["memory"], state["processor"], out),
                         (ref_state["memory"], ref_state["processor"], ref)) <= tolerance
   if dtype != "float32":
     return
@@ -176,7 +147,7 @@ def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
   # The exported step takes prepared params as well.
   prepared = prepare_stream_params(params, config)
   exported = jax.export.export(jax.jit(step))(prepared, initial, frame)
-  assert _max_rel_err(exported.call(prepared, initial, frame), step(prepared, initial, frame)) <= 1e-6
+  assert max_rel_err(exported.call(prepared, initial, frame), step(prepared, initial, frame)) <= 1e-6
 
 
 def test_kernel_count_reads_hlo():
@@ -190,7 +161,7 @@ def test_kernel_count_reads_hlo():
 
 def test_uniform_selection_cannot_stream():
   with pytest.raises(ValueError, match="act_token_selection='uniform' cannot stream"):
-    make_stream_step(_config(act_token_selection="uniform"))
+    make_stream_step(model_config(act_token_selection="uniform"))
 
 
 @pytest.mark.parametrize("frame, message", [

@@ -4,49 +4,21 @@ layers, memory off, normalised elu1 memory, no type embeddings), one product per
 and fewer kernels than before the merge."""
 
 import functools
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "streaming_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
-                                        "streaming.py"))
-streaming_benchmark = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(streaming_benchmark)
-
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
+from helpers import MODALITIES, load_streaming_benchmark, max_rel_err, model_config
 
-MODALITIES = {"rgb": 20, "flow": 6}
+streaming_benchmark = load_streaming_benchmark()
+
 B, T = 2, 9
 # EK100's layout at a small width: F = 1, two predictor and memory layers, three heads.
 EK100_LIKE = dict(future_queries=1, predictor_layers=2, heads={"verb": 7, "noun": 11, "action": 13})
-
-
-def _config(**overrides):
-  fields = dict(
-      modalities=MODALITIES, d_model=32, dropout=0.1, dtype="float32", processor="mamba",
-      processor_layers=1, ssm=dict(d_state=4, d_conv=4, expand=2), memory=True, memory_tokens=4,
-      memory_layers=2, memory_heads=2, memory_feature_map="identity", memory_normalize=False,
-      gate_temperature=16.0, scan_impl="auto", num_act_tokens=5, act_token_selection="fifo",
-      type_embeddings=True, future_queries=3, predictor_layers=1, predictor_heads=2,
-      heads={"verb": 7, "noun": 11})
-  fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(x - ref) / np.linalg.norm(ref)
-
-
-def _max_rel_err(out, ref):
-  return max(_rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
 
 
 def _params(config):
@@ -65,7 +37,7 @@ def _params(config):
     dict(memory=False, processor="gru", predictor_layers=2, future_queries=2),
 ], ids=["ek100_like", "f3_one_memory_layer_elu1", "no_memory"])
 def test_merged_step_equals_raw_step_and_forward(overrides):
-  config = _config(**overrides)
+  config = model_config(**overrides)
   params = _params(config)
   step = make_stream_step(config)
   rng = np.random.default_rng()
@@ -75,16 +47,16 @@ def test_merged_step_equals_raw_step_and_forward(overrides):
                                        frames))
   ref_state, ref = run(params)
   state, outs = run(prepare_stream_params(params, config))
-  assert _max_rel_err(outs, ref) <= 1e-5
-  assert _max_rel_err(state, ref_state) <= 1e-5
+  assert max_rel_err(outs, ref) <= 1e-5
+  assert max_rel_err(state, ref_state) <= 1e-5
   # And the full forward on the whole window, as the raw step is tested against it at every t.
   full = CLAM(config).apply({"params": params}, x, np.ones((B, T), bool), train=False)
   last = {"future": full["future"], "past": jax.tree.map(lambda r: r[:, -1], full["past"])}
-  assert _max_rel_err(jax.tree.map(lambda o: o[-1], outs), last) <= 1e-5
+  assert max_rel_err(jax.tree.map(lambda o: o[-1], outs), last) <= 1e-5
 
 
 def test_merged_step_runs_one_product_per_merged_group():
-  config = _config(**EK100_LIKE)
+  config = model_config(**EK100_LIKE)
   params = _params(config)
   step = make_stream_step(config)
   state = init_stream_state(config, B)
@@ -104,7 +76,7 @@ def test_merged_step_runs_one_product_per_merged_group():
 
 @pytest.mark.parametrize("cast", [False, True])
 def test_merged_step_has_far_fewer_kernels(cast):
-  config = _config(**EK100_LIKE, dtype="bfloat16" if cast else "float32")
+  config = model_config(**EK100_LIKE, dtype="bfloat16" if cast else "float32")
   params = _params(config)
   step = make_stream_step(config)
   state = init_stream_state(config, B)
