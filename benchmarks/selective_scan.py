@@ -20,9 +20,7 @@ Usage:
 import argparse
 import itertools
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,27 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.kernels import bench, copy_bandwidth  # noqa: E402  (the same timing as kernels.py)
 from clam_jax import ssm  # noqa: E402
 from pallas.selective_scan import selective_scan_pallas  # noqa: E402
-
-
-def bench(fn, args, reps=20, budget_s=1.0):
-  """Median wall time (ms) of a jitted fn after warm-up; stops early after budget_s."""
-  jax.block_until_ready(fn(*args))
-  times, start = [], time.perf_counter()
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-    if time.perf_counter() - start > budget_s and len(times) >= 3:
-      break
-  return statistics.median(times)
-
-
-def copy_bandwidth():
-  """Bytes read + written per second by a 2 GiB elementwise pass."""
-  x = jnp.ones((512 * 1024 * 1024,), jnp.float32)
-  return 2 * x.nbytes / (bench(jax.jit(lambda x: x * 1.0001), (x,)) * 1e-3)
 
 
 def make_inputs(key, b, t, di, n, dtype):
