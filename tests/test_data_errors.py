@@ -168,3 +168,22 @@ def test_cli_data_error_mid_training_is_one_line_and_keeps_the_checkpoints(tmp_p
     train_lib.evaluate(test_train.tiny_config(str(root)), str(workdir))
   assert str(raised.value).startswith(f"EK100Source, {error.split(', ', 2)[2]}")
   assert not (workdir / "eval").exists()
+
+
+def test_malformed_annotation_files_are_user_errors(tmp_path):
+  """A malformed training CSV or class list raises DataError (one line from train.py: it is in
+  train_lib.USER_ERRORS), naming the dataset, split, file and line."""
+  synthetic_config = _data_config(tmp_path / "synthetic")
+  paths = pipeline.annotation_paths(synthetic_config)  # generates a well-formed EK100 layout
+  bad = tmp_path / "bad.csv"
+  bad.write_text("foo,bar\n1,2\n")
+  config = ml_collections.ConfigDict({**synthetic_config.to_dict(), "name": "ek100",
+                                      "annotations": {**paths, "train": str(bad)}})
+  with pytest.raises(train_lib.USER_ERRORS) as error:
+    pipeline.make_source(config, "train")
+  assert isinstance(error.value, pipeline.DataError)
+  assert str(error.value).startswith(f"data 'ek100', split 'train': {bad}, line 1:")
+  pipeline.make_source(config, "validation")  # the well-formed files are read as before
+  config.annotations.noun_classes = str(bad)
+  with pytest.raises(pipeline.DataError, match=f"^data 'ek100': {bad}"):
+    pipeline.head_sizes(config)

@@ -76,8 +76,9 @@ SPLITS = {"ek100": ("train", "validation"), "synthetic": ("train", "validation")
 ANNOTATION_FILES = ("train", "validation", "actions", "verb_classes", "noun_classes")
 
 
-class DataError(Exception):
-  """An example could not be read or has unexpected shapes (module docstring)."""
+class DataError(ValueError):
+  """An annotation file, example or data field could not be used (module docstring); the message
+  names the dataset and the file, key or field."""
 
 
 # What the sources raise for a missing or malformed file, key or value.
@@ -161,7 +162,17 @@ def _check_modalities(data_config, expected):
 def make_source(data_config, split):
   """The split's random-access source: ek100.EK100Source (ek100, synthetic; its rows,
   dropped_rows and annotations serve evaluation), thumos14.Thumos14Source or
-  ego4d.Ego4dLtaSource (module docstring)."""
+  ego4d.Ego4dLtaSource (module docstring). A malformed annotation file or data field raises
+  DataError naming the dataset and split."""
+  try:
+    return _make_source(data_config, split)
+  except DataError:
+    raise
+  except ValueError as e:
+    raise DataError(f"data {data_config.name!r}, split {split!r}: {e}") from e
+
+
+def _make_source(data_config, split):
   check_name(data_config)
   splits = SPLITS[data_config.name]
   if split not in splits:
@@ -194,7 +205,17 @@ def make_source(data_config, split):
 def head_sizes(data_config):
   """{head: number of classes} of the dataset (the model's heads): ek100, synthetic: {"verb",
   "noun", "action"} from the class lists and actions.csv; thumos14: {"action": 22}, the columns
-  of data_info.json's class_names; ego4d: {"verb", "noun"} from fho_lta_taxonomy.json."""
+  of data_info.json's class_names; ego4d: {"verb", "noun"} from fho_lta_taxonomy.json. A
+  malformed class list raises DataError naming the dataset."""
+  try:
+    return _head_sizes(data_config)
+  except DataError:
+    raise
+  except ValueError as e:
+    raise DataError(f"data {data_config.name!r}: {e}") from e
+
+
+def _head_sizes(data_config):
   check_name(data_config)
   if data_config.name == "thumos14":
     return {"action": len(thumos14.load_data_info(data_config.data_info)["class_names"])}
