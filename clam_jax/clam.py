@@ -21,7 +21,7 @@ S^l_t depends on the frames only, never on the memory tokens, so every layer's s
 one for the predictor, the current one in streaming), so they are read out of S_T directly rather
 than through the op's per-step outputs (T * M * D values per layer, all but one step unused).
 The same code serves a full sequence (state None) and one streaming step (T = 1, the carried state;
-its update is written out in plain jnp rather than a call of the op for one step).
+the op's "auto" implementation runs one step as fused elementwise ops, not a kernel).
 """
 
 import flax.linen as nn
@@ -97,18 +97,10 @@ class CrossLinearAttention(nn.Module):
     g = jnp.where(mask[..., None, None], g, 0)
     if config.memory_normalize:
       v = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-    if k.shape[1] == 1:
-      # One frame (a streaming step): the update itself is a few elementwise ops that XLA fuses,
-      # where the op would launch a kernel (or a scan) for a single step.
-      f32 = lambda x: x[:, 0].astype(jnp.float32)
-      decay = jnp.exp(f32(g))[..., None]
-      update = f32(k)[..., None] * f32(v)[..., None, :]
-      state = update if state is None else decay * state + update
-    else:
-      # Only S_T is used: the op's own read-out gets one zero query per step (see module doc).
-      _, state = pallas.gated_linear_attention(
-          jnp.zeros_like(k), k, v, g, initial_state=state, return_final_state=True,
-          implementation=config.scan_impl)
+    # Only S_T is used: the op's own read-out gets one zero query per step (see module doc).
+    _, state = pallas.gated_linear_attention(
+        jnp.zeros_like(k), k, v, g, initial_state=state, return_final_state=True,
+        implementation=config.scan_impl)
     o = dk ** -0.5 * jnp.einsum("bmhk,bhkv->bmhv", q.astype(jnp.float32), state,
                                 precision="highest")
     if config.memory_normalize:

@@ -23,7 +23,9 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, return
 
   implementation: "reference" (lax.scan), "recurrent" (fused recurrent Pallas kernels), "chunked"
   (chunked Pallas kernels), or "auto": on GPU the chunked kernels from CHUNKED_MIN_STEPS steps on and
-  the recurrent ones below; the reference elsewhere. Off GPU, "recurrent" and "chunked" run the
+  the recurrent ones below, except for T = 1 (a streaming step), where the reference's one-step
+  lax.scan becomes a few elementwise ops that XLA fuses instead of a kernel launch; the reference
+  elsewhere. Off GPU, "recurrent" and "chunked" run the
   kernels in Pallas interpret mode, which is how CI (CPU only) exercises them.
   """
   if implementation not in IMPLEMENTATIONS:
@@ -31,7 +33,7 @@ def gated_linear_attention(q, k, v, g, *, scale=None, initial_state=None, return
   checks.check_gla_args(q, k, v, g, initial_state)
   on_gpu = jax.default_backend() == "gpu"
   if implementation == "auto":
-    if not on_gpu:
+    if not on_gpu or k.shape[1] == 1:
       implementation = "reference"
     else:
       implementation = "chunked" if k.shape[1] >= CHUNKED_MIN_STEPS else "recurrent"

@@ -39,13 +39,15 @@ def _spy(calls, name):
   return fn
 
 
-@pytest.mark.parametrize("backend,expected", [("cpu", "reference"), ("gpu", "recurrent")])
-def test_auto_picks_kernels_only_on_gpu(monkeypatch, backend, expected):
+# T = 1 (a streaming step) takes the reference on GPU too: one fused update, no kernel launch.
+@pytest.mark.parametrize("backend,t,expected", [("cpu", 5, "reference"), ("gpu", 5, "recurrent"),
+                                                ("gpu", 1, "reference")])
+def test_auto_picks_kernels_only_on_gpu(monkeypatch, backend, t, expected):
   calls = []
   monkeypatch.setattr(reference, "gla_reference", _spy(calls, "reference"))
   monkeypatch.setattr(gla, "gla_recurrent", _spy(calls, "recurrent"))
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  q, k, v, g, s0 = _inputs(np.random.default_rng())
+  q, k, v, g, s0 = _inputs(np.random.default_rng(), t=t)
   assert gla.gated_linear_attention(q, k, v, g, scale=0.3, initial_state=s0) == "out"
   [(name, kwargs)] = calls
   assert name == expected
