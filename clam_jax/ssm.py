@@ -40,13 +40,13 @@ def selective_scan(u, delta, A, B, C, D, z=None, h0=None, return_final_state=Fal
   if implementation not in SCAN_IMPLEMENTATIONS:
     raise ValueError(f"implementation must be one of {SCAN_IMPLEMENTATIONS}, got {implementation!r}")
   f32 = lambda x: jnp.asarray(x, jnp.float32)
-  u32, delta = f32(u), f32(delta)
   on_gpu = jax.default_backend() == "gpu"
   if implementation == "auto":
     implementation = "recurrent" if on_gpu else "reference"
-  if implementation != "reference":
+  if implementation != "reference":  # the kernels compute in float32 whatever the input dtypes
     y, h_last = selective_scan_pallas(u, delta, f32(A), B, C, h0, interpret=not on_gpu)
     return _skip_and_gate(y, h_last, u, D, z, return_final_state)
+  u32, delta = f32(u), f32(delta)
   h0 = jnp.zeros(u.shape[:1] + A.shape, jnp.float32) if h0 is None else f32(h0)
 
   @jax.checkpoint
