@@ -111,8 +111,11 @@ class SoftmaxCrossAttention(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, tokens, frames, mask, state):
-    """tokens: (B, M, D); frames: (B, T, D); mask: (B, T) bool. Returns ((B, M, D), state)."""
+  def __call__(self, tokens, frames, mask, state, projections=None):
+    """tokens: (B, M, D); frames: (B, T, D); mask: (B, T) bool; state passes through;
+    projections (streaming's merged products) must be empty. Returns ((B, M, D), state)."""
+    if projections:
+      raise ValueError("the softmax memory takes no precomputed projections")
     attention = nn.MultiHeadDotProductAttention(
         self.config.memory_heads, dtype=jnp.dtype(self.config.dtype), name="attention")
     return attention(tokens, frames, mask=mask[:, None, None, :]), state

@@ -37,3 +37,27 @@ def test_failed_lengths_are_skipped():
   assert loglog_slope(LENGTHS, values) == pytest.approx(1.0, abs=1e-9)
   assert loglog_slope(LENGTHS[:2], [None, 4.0]) is None
   assert loglog_slope([], []) is None
+
+
+def test_softmax_memory_is_a_drop_in():
+  # The clam-softmax method swaps the memory's attention class: it must accept the same call and
+  # really replace the linear attention (no gate projections left, softmax attention params there).
+  import inspect
+  from unittest import mock
+
+  import jax
+  from clam_jax import clam as clam_lib
+
+  assert (list(inspect.signature(length_scaling.SoftmaxCrossAttention.__call__).parameters) ==
+          list(inspect.signature(clam_lib.CrossLinearAttention.__call__).parameters))
+  config = length_scaling.model_config(True, "reference")
+  with mock.patch.object(clam_lib, "CrossLinearAttention", length_scaling.SoftmaxCrossAttention):
+    fn, make_args = length_scaling.model_problem(config, "clam-softmax", jax.random.key(0))
+    args = make_args(12)
+    loss, grads = fn(*args)
+  names = {"/".join(str(getattr(k, "key", k)) for k in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(args[0])[0]}
+  assert any("/attention/" in n for n in names)
+  assert not any(n.endswith("gate/kernel") for n in names)
+  assert np.isfinite(float(loss))
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
