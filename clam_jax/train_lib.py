@@ -84,12 +84,14 @@ def _decayed(params):
       lambda path, p: p.ndim >= 2 and getattr(path[-1], "key", None) != "A_log", params)
 
 
-def cross_entropy(logits, labels, label_smoothing=0.0):
+def cross_entropy(logits, labels, label_smoothing=0.0, axis_name=None):
   """Mean softmax cross-entropy over the entries whose label is >= 0 (0 if there are none).
 
   logits: (..., C) float; labels: (...) int, -1 = ignore. With label smoothing eps the target is
   (1 - eps) one-hot + eps uniform; the uniform part is computed as logsumexp - mean(logits), so no
-  (..., C) one-hot is built (C is 3806 for EK100 actions).
+  (..., C) one-hot is built (C is 3806 for EK100 actions). axis_name: inside jax.shard_map, the
+  mesh axis the batch is split over: the mean divides by the count over all devices, so the
+  psum of the devices' values is the global batch's mean.
   """
   logits = logits.astype(jnp.float32)
   valid = labels >= 0
@@ -97,16 +99,18 @@ def cross_entropy(logits, labels, label_smoothing=0.0):
   if label_smoothing:
     uniform = jax.nn.logsumexp(logits, axis=-1) - logits.mean(axis=-1)
     loss = (1.0 - label_smoothing) * loss + label_smoothing * uniform
-  return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(valid.sum(), 1)
+  count = valid.sum() if axis_name is None else jax.lax.psum(valid.sum(), axis_name)
+  return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.maximum(count, 1)
 
 
-def compute_loss(outputs, batch, loss_config):
+def compute_loss(outputs, batch, loss_config, axis_name=None):
   """The training objective and its parts.
 
   outputs: the model's {"future": {head: (B, F, C)}, "past": {head: (B, T, C)}};
   batch: {"future_targets": {head: (B, F)}, "past_targets": {head: (B, T)}} int, -1 = ignore;
   loss_config: weights {head: float}, past_loss_weight, label_smoothing.
   loss = sum_h w_h CE(future_h) + past_loss_weight * sum_h w_h CE(past_h).
+  axis_name: as cross_entropy's (each device's share of the global batch's loss).
   Returns (loss, {"loss", "future/<head>", "past/<head>"}) of scalars.
   """
   smoothing = loss_config.label_smoothing
@@ -114,9 +118,9 @@ def compute_loss(outputs, batch, loss_config):
   total = 0.0
   for head, weight in loss_config.weights.items():
     parts[f"future/{head}"] = cross_entropy(
-        outputs["future"][head], batch["future_targets"][head], smoothing)
+        outputs["future"][head], batch["future_targets"][head], smoothing, axis_name)
     parts[f"past/{head}"] = cross_entropy(
-        outputs["past"][head], batch["past_targets"][head], smoothing)
+        outputs["past"][head], batch["past_targets"][head], smoothing, axis_name)
     past = loss_config.past_loss_weight * parts[f"past/{head}"]
     total += weight * (parts[f"future/{head}"] + past)
   parts["loss"] = total
@@ -152,27 +156,52 @@ def param_shapes(model, example):
       example["features"], example["mask"])["params"]
 
 
-def train_step(state, batch, dropout_key, *, loss_config):
+def loss_and_grads(params, batch, dropout_key, *, apply_fn, loss_config, axis_name=None):
+  """compute_loss's parts {"loss", "future/*", "past/*"} (scalars) and d loss / d params.
+
+  batch: model_inputs(...) with leading axis B. axis_name: inside jax.shard_map over a mesh axis
+  that splits the batch: batch holds this device's rows, its dropout masks are drawn from
+  dropout_key folded with the device's index, and the parts and gradients returned are the
+  global batch's (summed over the axis), the same on every device.
+  """
+  if axis_name is not None:
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    outputs = apply_fn({"params": params}, batch["features"], batch["mask"], train=True,
+                       rngs={"dropout": dropout_key})
+    return compute_loss(outputs, batch, loss_config, axis_name)
+
+  (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  if axis_name is not None:
+    parts, grads = jax.lax.psum((parts, grads), axis_name)
+  return parts, grads
+
+
+def train_step(state, batch, dropout_key, *, loss_config, mesh=None):
   """One optimizer step on a (global, possibly sharded) batch.
 
   batch: model_inputs(...) with leading axis B; dropout_key: a base PRNG key, folded with the step
-  so a resumed run draws the same masks. Returns (new state, {"loss", "future/*", "past/*",
+  so a resumed run draws the same masks. mesh: a device mesh whose "data" axis splits the batch:
+  each device runs the model on its rows (jax.shard_map; XLA does not partition the Pallas
+  kernels, it would gather the whole batch onto every device) and the gradients are summed; None:
+  the model sees the whole batch. Returns (new state, {"loss", "future/*", "past/*",
   "grad_norm", "finite"} device scalars). When the loss or a gradient is NaN or Inf ("finite" is
   False) the new state keeps the old params and optimizer state, only its step advances: the bad
   batch changes nothing, and the loop decides whether to stop or go on (config.train.on_nonfinite).
   """
   key = jax.random.fold_in(dropout_key, state.step)
-
-  def loss_fn(params):
-    outputs = state.apply_fn({"params": params}, batch["features"], batch["mask"], train=True,
-                             rngs={"dropout": key})
-    return compute_loss(outputs, batch, loss_config)
-
-  (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads_fn = functools.partial(loss_and_grads, apply_fn=state.apply_fn, loss_config=loss_config)
+  if mesh is not None:
+    split, whole = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+    # check_vma off: pallas_call has no rule for it; the psums make the outputs replicated.
+    grads_fn = jax.shard_map(functools.partial(grads_fn, axis_name="data"), mesh=mesh,
+                             in_specs=(whole, split, whole), out_specs=whole, check_vma=False)
+  parts, grads = grads_fn(state.params, batch, key)
   parts["grad_norm"] = optax.tree.norm(grads)
   # The global norm is NaN or Inf if any gradient is. (optax.apply_if_finite would change the
   # optimizer state's structure, and lets updates through after max_consecutive_errors.)
-  parts["finite"] = jnp.isfinite(loss) & jnp.isfinite(parts["grad_norm"])
+  parts["finite"] = jnp.isfinite(parts["loss"]) & jnp.isfinite(parts["grad_norm"])
   new_state = state.apply_gradients(grads=grads)
   keep = lambda new, old: jax.tree.map(functools.partial(jnp.where, parts["finite"]), new, old)
   return new_state.replace(params=keep(new_state.params, state.params),
@@ -181,7 +210,8 @@ def train_step(state, batch, dropout_key, *, loss_config):
 
 def predict_step(params, batch, *, apply_fn):
   """Class probabilities at each window's last step, float32: {"future": {head: (B, F, C)} of the
-  future queries, "present": {head: (B, C)} of the last act-token (online detection)}."""
+  future queries, "present": {head: (B, C)} of the last act-token (online detection)}.
+  batch: {"features": {modality: (B, T, F_m)}, "mask": (B, T) bool, ...}."""
   outputs = apply_fn({"params": params}, batch["features"], batch["mask"], train=False)
   softmax = lambda logits: jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return {"future": {head: softmax(logits) for head, logits in outputs["future"].items()},
@@ -203,15 +233,21 @@ class Parallel:
         lambda x: jax.make_array_from_process_local_data(self.data, np.asarray(x)), batch)
 
   def train_step(self, loss_config):
-    """jit(train_step): state and key replicated, batch sharded, the old state's buffers donated."""
-    return jax.jit(functools.partial(train_step, loss_config=loss_config),
+    """jit(train_step): state and key replicated, batch split over the devices (each runs the
+    model on its rows), the old state's buffers donated."""
+    return jax.jit(functools.partial(train_step, loss_config=loss_config, mesh=self.mesh),
                    in_shardings=(self.replicated, self.data, self.replicated),
                    out_shardings=(self.replicated, self.replicated), donate_argnums=0)
 
   def predict_step(self, model):
-    """jit(predict_step) of model: params replicated, batch sharded, probabilities replicated."""
-    return jax.jit(functools.partial(predict_step, apply_fn=model.apply),
-                   in_shardings=(self.replicated, self.data), out_shardings=self.replicated)
+    """jit(predict_step) of model: params replicated, each device predicting its rows of the
+    batch, probabilities gathered (replicated)."""
+    split, whole = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
+    per_device = jax.shard_map(functools.partial(predict_step, apply_fn=model.apply),
+                               mesh=self.mesh, in_specs=(whole, split), out_specs=split,
+                               check_vma=False)
+    return jax.jit(per_device, in_shardings=(self.replicated, self.data),
+                   out_shardings=self.replicated)
 
   def abstract(self, tree):
     """tree's shapes and dtypes as jax.ShapeDtypeStruct, replicated on the mesh."""

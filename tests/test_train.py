@@ -102,14 +102,20 @@ def _run_all(out):
   results["resumed_params_max_difference"] = max(jax.tree.leaves(jax.tree.map(
       lambda a, b: float(np.abs(a - b).max()), params["full"], params["resumed"])))
 
-  # One train step with the batch on 1 device and split over 2 (the latter is the program the runs
-  # above compiled: same optimizer, same shapes), then more steps on a fixed batch.
+  # One train step with the batch on 1 device and split over 2, then more steps on a fixed batch.
+  # Dropout off: each device draws its own masks. The first half of the rows (device 0's) has no
+  # future action labels, so each device's loss must divide by the global count of labels.
   batch = train_lib.model_inputs(next(iter(pipeline.make_loader(
       config.data, "train", shuffle=True, num_epochs=1))))
+  half = len(batch["mask"]) // 2
+  batch["future_targets"]["action"][:half] = -1
+  no_dropout = config.model.copy_and_resolve_references()
+  no_dropout.dropout = 0.0
   tx, _ = train_lib.make_optimizer(config.optimizer, steps_per_epoch=38 / 8, total_steps=9)
   # On the host: each device_put below makes fresh buffers, as the steps donate theirs.
   state = jax.device_get(train_state.TrainState.create(
-      apply_fn=model.apply, params=params["full"], tx=tx)).replace(step=np.int32(0))
+      apply_fn=train_lib.model_lib.CLAM(no_dropout).apply, params=params["full"],
+      tx=tx)).replace(step=np.int32(0))
   key = jax.random.key(1)
   stepped = {}
   for name, parallel in (("one", one), ("two", two)):
