@@ -27,7 +27,9 @@ Parts (--parts, comma-separated; default all):
               temporary folder (page cache warm), for each of --workers: samples/s; and the
               host-to-device copy of one batch (train_lib.Parallel.shard_batch).
   pipeline    the bfloat16 step fed by that loader (the loader part's fastest --workers, else
-              the largest), as train_and_evaluate feeds it: samples/s.
+              the largest): as train_and_evaluate feeds it (the next batches read and copied to
+              the device by a background thread while the step runs: make_loader(put=...)) and
+              inline (read and copied after the step is dispatched): samples/s.
   components  forward + backward of each part of the bfloat16 model alone, on inputs of the shapes
               it gets in the step (input projection, processor, memory, predictor, classifiers +
               loss), the optimizer update, and one processor layer's selective scan
@@ -281,28 +283,34 @@ def part_loader(args, data, parallel):
 
 
 def part_pipeline(args, data, setup, workers):
-  """The step fed by the loader with `workers` workers, as train_and_evaluate feeds it (the batch
-  copied while the previous step runs)."""
-  iterator = iter(pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
-                                       worker_count=workers))
-  run = lambda state: setup.step(state, setup.parallel.shard_batch(
-      train_lib.model_inputs(next(iterator))), setup.key)
-  for _ in range(3):
-    setup.state, metrics = run(setup.state)
-  jax.block_until_ready(metrics)
-  steps = args.loader_batches
-  start = time.perf_counter()
-  for _ in range(steps):
-    setup.state, metrics = run(setup.state)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / steps
-  if workers:
+  """The step fed by the loader with `workers` workers, two ways: "put ahead", as
+  train_and_evaluate feeds it (make_loader(put=...): the next batches read and copied to the
+  device in a background thread while the step runs), and "inline" (read and copy the next batch
+  in the loop after dispatching the step). Returns a row per feed."""
+  shard = lambda batch: setup.parallel.shard_batch(train_lib.model_inputs(batch))
+  rows = []
+  for feed in ("put ahead", "inline"):
+    iterator = iter(pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
+                                         worker_count=workers,
+                                         put=shard if feed == "put ahead" else None))
+    next_batch = ((lambda: next(iterator)[1]) if feed == "put ahead" else
+                  (lambda: shard(next(iterator))))
+    for _ in range(3):
+      setup.state, metrics = setup.step(setup.state, next_batch(), setup.key)
+    jax.block_until_ready(metrics)
+    steps = args.loader_batches
+    start = time.perf_counter()
+    for _ in range(steps):
+      setup.state, metrics = setup.step(setup.state, next_batch(), setup.key)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
     iterator.close()
-  row = {"workers": workers, "dtype": setup.config.model.dtype, "step_ms": 1e3 * seconds,
-         "samples_per_s": setup.batch_size / seconds,
-         "epoch_s": EPOCH_SAMPLES / setup.batch_size * seconds}
-  print("pipeline " + json.dumps(row), flush=True)
-  return row
+    row = {"feed": feed, "workers": workers, "dtype": setup.config.model.dtype,
+           "step_ms": 1e3 * seconds, "samples_per_s": setup.batch_size / seconds,
+           "epoch_s": EPOCH_SAMPLES / setup.batch_size * seconds}
+    print("pipeline " + json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,13 +498,13 @@ def print_summary(results):
     for key in ("error", "dataset", "host_to_device"):
       if key in loader:
         print(f"{key}: {json.dumps(loader[key])}")
-  pipe = results.get("pipeline", {})
-  if "error" in pipe:
+  pipe = results.get("pipeline", [])
+  if isinstance(pipe, dict):
     print(f"\npipeline: {pipe['error']}")
-  elif pipe:
-    print(f"\npipeline included ({pipe['workers']} workers, {pipe['dtype']}): "
-          f"{pipe['samples_per_s']:.0f} samples/s, {pipe['step_ms']:.1f} ms/step, "
-          f"EK100 epoch {pipe['epoch_s']:.1f} s")
+  for row in pipe:
+    print(f"\npipeline included, {row['feed']} ({row['workers']} workers, {row['dtype']}): "
+          f"{row['samples_per_s']:.0f} samples/s, {row['step_ms']:.1f} ms/step, "
+          f"EK100 epoch {row['epoch_s']:.1f} s")
   scaling = results.get("scaling", [])
   if scaling:
     print("\n| devices | mode | global batch | ms/step | samples/s | speed-up |")
