@@ -27,9 +27,11 @@ Parts (--parts, comma-separated; default all):
               temporary folder (page cache warm), for each of --workers: samples/s; and the
               host-to-device copy of one batch (train_lib.Parallel.shard_batch).
   pipeline    the bfloat16 step fed by that loader (the loader part's fastest --workers, else
-              the largest): as train_and_evaluate feeds it (the next batches read and copied to
-              the device by a background thread while the step runs: make_loader(put=...)) and
-              inline (read and copied after the step is dispatched): samples/s.
+              the largest): inline, as train_and_evaluate feeds it (the next batch read and
+              copied after the step is dispatched), and put ahead (a candidate: the next batches
+              read and copied to the device by grain's background-thread prefetch while the step
+              runs; its one GPU run, session 10, did not finish in ~110 s at 16 workers):
+              samples/s.
   components  forward + backward of each part of the bfloat16 model alone, on inputs of the shapes
               it gets in the step (input projection, processor, memory, predictor, classifiers +
               loss), the optimizer update, and one processor layer's selective scan
@@ -57,6 +59,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,17 +249,24 @@ def dataset_config(config, root, batches):
   return data
 
 
+def warm_up_batches(workers):
+  """Batches read before timing: the workers' first batches, ready at once after the slowest
+  worker's start, would otherwise be counted (session 10: "2.7 M samples/s" at 16 workers)."""
+  return 2 * workers + 2
+
+
 def time_loader(data, workers, batches, budget_s=15.0):
-  """(samples/s over up to `batches` batches after the first two (fewer once budget_s has passed,
-  at least 2), seconds to the first batch)."""
+  """(samples/s over up to max(batches, 2 workers) batches after warm_up_batches (fewer once
+  budget_s has passed, at least 2), seconds to the first batch)."""
   start = time.perf_counter()
   iterator = iter(pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
                                        worker_count=workers))
   next(iterator)
   first = time.perf_counter() - start
-  next(iterator)
+  for _ in range(warm_up_batches(workers) - 1):
+    next(iterator)
   start = time.perf_counter()
-  for count in range(1, batches + 1):
+  for count in range(1, max(batches, 2 * workers) + 1):
     next(iterator)
     if count >= 2 and time.perf_counter() - start > budget_s:
       break
@@ -283,19 +293,23 @@ def part_loader(args, data, parallel):
 
 
 def part_pipeline(args, data, setup, workers):
-  """The step fed by the loader with `workers` workers, two ways: "put ahead", as
-  train_and_evaluate feeds it (make_loader(put=...): the next batches read and copied to the
-  device in a background thread while the step runs), and "inline" (read and copy the next batch
-  in the loop after dispatching the step). Returns a row per feed."""
+  """The step fed by the loader with `workers` workers, two ways: "inline", as train_and_evaluate
+  feeds it (the next batch read and copied to the device after the step is dispatched), and "put
+  ahead", a candidate (grain's background-thread prefetch, as grain.experimental.device_put,
+  reading and copying the next batches while the step runs). Returns a row per feed."""
   shard = lambda batch: setup.parallel.shard_batch(train_lib.model_inputs(batch))
   rows = []
-  for feed in ("put ahead", "inline"):
-    iterator = iter(pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
-                                         worker_count=workers,
-                                         put=shard if feed == "put ahead" else None))
+  for feed in ("inline", "put ahead"):
+    loader = pipeline.make_loader(data, "train", shuffle=True, num_epochs=None,
+                                  worker_count=workers)
+    if feed == "put ahead":
+      loader = grain.experimental.ThreadPrefetchIterDataset(
+          grain.experimental.ThreadPrefetchIterDataset(loader, prefetch_buffer_size=1)
+          .map(lambda batch: (batch, shard(batch))), prefetch_buffer_size=2)
+    iterator = iter(loader)
     next_batch = ((lambda: next(iterator)[1]) if feed == "put ahead" else
                   (lambda: shard(next(iterator))))
-    for _ in range(3):
+    for _ in range(warm_up_batches(workers)):
       setup.state, metrics = setup.step(setup.state, next_batch(), setup.key)
     jax.block_until_ready(metrics)
     steps = args.loader_batches

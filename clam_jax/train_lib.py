@@ -555,9 +555,8 @@ def _train_and_evaluate(config, workdir):
     raise ConfigError(f"data.batch_size={config.data.batch_size} exceeds the "
                       f"{len(source) * config.train.num_epochs} training examples of "
                       f"{config.train.num_epochs} epochs of data {config.data.name!r}")
-  train_loader = pipeline.make_loader(
-      config.data, "train", shuffle=True, num_epochs=config.train.num_epochs,
-      put=lambda batch: parallel.shard_batch(model_inputs(batch)))
+  train_loader = pipeline.make_loader(config.data, "train", shuffle=True,
+                                      num_epochs=config.train.num_epochs)
   tx, schedule = make_optimizer(config.optimizer, steps_per_epoch, total_steps)
   init_rng, dropout_key = jax.random.split(jax.random.key(config.seed))
   init = functools.partial(create_train_state, model, tx, example_inputs(source))
@@ -588,8 +587,9 @@ def _train_and_evaluate(config, workdir):
   try:
     with tqdm.tqdm(total=total_steps, initial=start, desc="train", unit="step") as bar:
       for step in range(start + 1, total_steps + 1):
-        batch, device_batch = next(train_iter)
-        state, step_metrics = step_fn(state, device_batch, dropout_key)
+        batch = next(train_iter)
+        state, step_metrics = step_fn(state, parallel.shard_batch(model_inputs(batch)),
+                                      dropout_key)
         pending.append((step, batch["sample_id"], step_metrics))
         bar.update()
         evaluate_now = step % eval_every == 0 or step == total_steps

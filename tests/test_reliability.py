@@ -80,15 +80,15 @@ def _hooked_train(marker, stall_before_save=None, stall_in_data_save=None, poiso
 
   make_loader = pipeline.make_loader
 
-  def poisoned_loader(data_config, split, put=None, **kwargs):
+  def poisoned_loader(data_config, split, **kwargs):
+    loader = make_loader(data_config, split, **kwargs)
+
     def poison(batch):
       for features in batch["features"].values():
         features[batch["sample_id"] == poison_sample] = np.nan
       return batch
 
-    if split == "train":  # training copies its batches to the device with put
-      return make_loader(data_config, split, put=lambda batch: put(poison(batch)), **kwargs)
-    return make_loader(data_config, split, put=put, **kwargs)
+    return loader.map(poison) if split == "train" else loader
 
   checkpointing.save = save_or_stall
   grain.checkpoint.CheckpointHandler.save = data_save_or_stall

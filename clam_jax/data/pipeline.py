@@ -82,7 +82,6 @@ class DataError(ValueError):
 
 
 # What the sources raise for a missing or malformed file, key or value.
-PUT_AHEAD = 2  # device batches make_loader(put=...) keeps ready (EK100: 134 MB each)
 _READ_ERRORS = (OSError, LookupError, ValueError, EOFError)
 
 
@@ -244,16 +243,12 @@ def _pad_batch(batch, batch_size):
 
 
 def make_loader(data_config, split, *, shuffle, num_epochs, seed=None, batch_size=None,
-                worker_count=None, put=None):
+                worker_count=None):
   """A grain.IterDataset of batches (module docstring); iter() it for a checkpointable iterator.
 
   shuffle: reshuffle every epoch (seeded by seed, default data_config.seed); num_epochs: None
   repeats forever (training), 1 for evaluation; batch_size, worker_count default to
-  data_config.batch_size, data_config.num_workers. put: None, or a function host batch -> device
-  arrays (e.g. a sharded copy of its model inputs): each element is then (host batch, put(host
-  batch)), put run in a background thread PUT_AHEAD batches ahead, so that reading the next batch
-  and copying it to the device overlap the device's step (grain's thread prefetch: the iterator's
-  state still counts only the batches handed out).
+  data_config.batch_size, data_config.num_workers.
   """
   source = make_source(data_config, split)
   batch_size = data_config.batch_size if batch_size is None else batch_size
@@ -273,11 +268,4 @@ def make_loader(data_config, split, *, shuffle, num_epochs, seed=None, batch_siz
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  if put is not None:
-    # As grain.experimental.device_put, with put for jax.device_put: the host batch stays (its
-    # sample ids name the examples in errors and evaluation).
-    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=1)
-    dataset = dataset.map(lambda batch: (batch, put(batch)))
-    dataset = grain.experimental.ThreadPrefetchIterDataset(dataset,
-                                                           prefetch_buffer_size=PUT_AHEAD)
   return dataset
