@@ -17,10 +17,7 @@ matrix each, and can cast the Dense weights to the compute dtype once. At batch 
 of small kernels whose launches, not their bytes, set its latency, so the prepared step runs one
 product where the model runs several: the key, value and gate projections of every memory layer
 (the frame LayerNorm's scale and bias folded into them), the query, key and value of each
-self-attention, the cross-attention keys and values of every predictor layer (for the first,
-whose queries are constants, its logits in place of its keys), and the classifiers. The attention
-products of the prepared step and the processor's and memory's read-outs of one frame are sums,
-which XLA fuses with their neighbours, where a dot would be a kernel of its own with layout copies.
+self-attention, the cross-attention keys and values of every predictor layer, and the classifiers.
 
 (choice) Only act_token_selection="fifo" streams: "uniform" spaces the N tokens over the whole
 observed window, which grows with t, so no fixed-size state can hold its candidates;
@@ -73,7 +70,7 @@ def prepare_stream_params(params, model_config, cast=False):
   module = model_lib.CLAM(model_config)
   dtype = jnp.dtype(model_config.dtype)
 
-  def query(part, x, dtype):  # layer 0's cross-attention query of x (..., D) -> (..., H, DH)
+  def query(part, x, dtype):  # layer 0's cross-attention query projection of x (..., D) -> (..., H, DH)
     weights = params[part]["layer_0"]["cross_attention"]["query"]
     return _dense(x, _flat(weights), dtype).reshape(x.shape[:-1] + weights["bias"].shape)
 
@@ -210,26 +207,26 @@ def _dense(x, weights, dtype):
   return jnp.dot(x.astype(dtype), weights["kernel"].astype(dtype)) + weights["bias"].astype(dtype)
 
 
-# The attention's two products are sums of float32 products here, as exact as the dots that Flax
-# runs (inputs in dtype, float32 accumulation): at a step's sizes a dot is a kernel with layout
-# copies of its operands and result, while the sums fuse with what produces and reads them.
+# The attention's two products are sums of float32 products here, as the dots that Flax runs
+# (inputs in dtype, float32 accumulation): at a step's sizes a dot is a kernel with layout copies
+# of its operands and result, while the sums fuse with what produces and reads them.
 
 
 def _logits(q, k):
-  """q (B, Q, H, DH), k (B, K, H, DH) -> q k / sqrt(DH) (B, Q, K, H) in q's dtype: the logits of
-  nn.dot_product_attention, which puts the heads first."""
+  """q (B, Q, H, DH), k (B, K, H, DH) -> q k / sqrt(DH) (B, H, Q, K) in q's dtype, as
+  nn.dot_product_attention's."""
   q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
   logits = jnp.sum(q.astype(jnp.float32)[:, :, None] * k.astype(jnp.float32)[:, None], axis=-1)
-  return logits.astype(q.dtype)
+  return logits.astype(q.dtype).transpose(0, 3, 1, 2)
 
 
 def _attention(logits, v, out, dtype, mask=None):
-  """Flax's MultiHeadDotProductAttention from its logits on: logits (B, Q, K, H) (`_logits`); v
-  (B, K, H, DH); out: the output's {"kernel", "bias"}; mask (B, Q, K, 1) bool or None. Returns
+  """Flax's MultiHeadDotProductAttention from its logits on: logits (B, H, Q, K) (`_logits`); v
+  (B, K, H, DH); out: the output's {"kernel", "bias"}; mask (B, 1, Q, K) bool or None. Returns
   (B, Q, D) in dtype."""
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
-  weights = jax.nn.softmax(logits, axis=2).astype(dtype)
+  weights = jax.nn.softmax(logits).astype(dtype).transpose(0, 2, 3, 1)  # (B, Q, K, H)
   o = jnp.sum(weights.astype(jnp.float32)[..., None] * v.astype(jnp.float32)[:, None], axis=2)
   return _dense(o.astype(dtype).reshape(o.shape[:-2] + (-1,)), out, dtype)
 
@@ -277,7 +274,7 @@ def _merged_predictor(predictor, act_tokens, act_mask, memory_tokens, constants)
                                         [num_queries * heads], axis=-1)
   # [value 0, key 1, value 1, key 2, ...]: (B, Nc, 2 L_p - 1, H, DH)
   projections = projections.reshape(b, num_context, -1, heads, config.d_model // heads)
-  mask = mask[:, None, :, None]
+  mask = jnp.broadcast_to(mask[:, None, None], (b, 1, num_queries, num_context))
   split_heads = lambda y: y.reshape(y.shape[:-1] + (heads, -1))
   batch = lambda constant: jnp.broadcast_to(constant, (b,) + constant.shape)
   x = batch(constants["future_targets"])
@@ -292,8 +289,8 @@ def _merged_predictor(predictor, act_tokens, act_mask, memory_tokens, constants)
     if i:
       q = split_heads(_dense(x + predictor.pos, weights["cross_query"], dtype))
       logits = _logits(q, projections[:, :, 2 * i - 1])
-    else:  # (B, Nc, F H) -> (B, F, Nc, H)
-      logits = first_logits.reshape(b, num_context, num_queries, heads).transpose(0, 2, 1, 3)
+    else:  # (B, Nc, F H) -> (B, H, F, Nc)
+      logits = first_logits.reshape(b, num_context, num_queries, heads).transpose(0, 3, 2, 1)
     x = layer.cross_attention_norm(x + _attention(logits, projections[:, :, 2 * i],
                                                   weights["cross_out"], dtype, mask))
     x = layer.ffn_norm(x + layer.ffn(x, train=False))
