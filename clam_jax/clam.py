@@ -101,15 +101,8 @@ class CrossLinearAttention(nn.Module):
     _, state = pallas.gated_linear_attention(
         jnp.zeros_like(k), k, v, g, initial_state=state, return_final_state=True,
         implementation=config.scan_impl)
-    q = q.astype(jnp.float32)
-    if mask.shape[1] == 1:
-      # One frame (streaming): as a sum of products XLA fuses the read-out with the state update
-      # into one kernel; as a batched product it is a kernel of its own plus layout copies. Over a
-      # window the product reads S_T once where the sum would read it M times.
-      o = jnp.sum(q[..., None] * state[:, None], axis=-2)
-    else:
-      o = jnp.einsum("bmhk,bhkv->bmhv", q, state, precision="highest")
-    o = dk ** -0.5 * o
+    o = dk ** -0.5 * jnp.einsum("bmhk,bhkv->bmhv", q.astype(jnp.float32), state,
+                                precision="highest")
     if config.memory_normalize:
       o = o[..., :-1] / (o[..., -1:] + _NORMALIZER_EPS)
     out = nn.DenseGeneral(config.d_model, axis=(-2, -1), dtype=dtype, name="out")

@@ -26,7 +26,6 @@ make_stream_step raises for it.
 
 from flax import traverse_util
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -59,6 +58,7 @@ def prepare_stream_params(params, model_config, cast=False):
   params: the model's variables["params"]. Returns {"params": params less the weights that the
   constants and merged products replace, "constants": {
     "future_targets": (F, D) float32, the predictor's layer-0 targets (first_targets);
+    "predictor_queries": (F, H_p, D / H_p) config.dtype, layer 0's cross-attention queries of them;
     "memory_tokens": (M, D) float32, the memory's layer-0 tokens (CLAMMemory.first_tokens);
     "memory_queries": (M, H, DK) config.dtype, layer 0's cross-attention query projections of them
     (these two only with config.memory);
@@ -70,21 +70,22 @@ def prepare_stream_params(params, model_config, cast=False):
   module = model_lib.CLAM(model_config)
   dtype = jnp.dtype(model_config.dtype)
 
-  def query(part, x, dtype):  # layer 0's cross-attention query projection of x (..., D) -> (..., H, DH)
+  def query(part, x):  # layer 0's cross-attention query projection of x (..., D) -> (..., H, DH)
     weights = params[part]["layer_0"]["cross_attention"]["query"]
     return _dense(x, _flat(weights), dtype).reshape(x.shape[:-1] + weights["bias"].shape)
 
   def constants(module):
     targets = module.predictor.first_targets()
-    values = {"future_targets": targets}
+    values = {"future_targets": targets,
+              "predictor_queries": query("predictor", targets + module.predictor.pos)}
     if module.memory is not None:
       tokens = module.memory.first_tokens()
       values.update(memory_tokens=tokens, memory_queries=query(
-          "memory", module.memory.layers[0].cross_attention_norm(tokens), dtype))
-    return values, query("predictor", targets + module.predictor.pos, jnp.float32)
+          "memory", module.memory.layers[0].cross_attention_norm(tokens)))
+    return values
 
-  values, predictor_queries = module.apply({"params": params}, method=constants)
-  values["merged"] = merge_projections(params, model_config, predictor_queries)
+  values = module.apply({"params": params}, method=constants)
+  values["merged"] = merge_projections(params, model_config)
   # The weights that the constants and merged products replace: the step never reads them.
   replaced = [("predictor", "layer_0", "self_attention_norm")]
   replaced += [(f"classifiers_{head}",) for head in model_config.heads]
@@ -116,10 +117,9 @@ def _flat(weights):
           "bias": weights["bias"].reshape(-1)}
 
 
-def merge_projections(params, model_config, predictor_queries):
+def merge_projections(params, model_config):
   """The weights of the prepared step's merged products, float32, each {"kernel": (D_in, D_out),
-  "bias": (D_out,) or (rows, D_out)}, from the model's params and predictor_queries (F, H_p, DH)
-  float32, the predictor's layer-0 cross-attention queries (all exact rewrites of the model's
+  "bias": (D_out,) or (rows, D_out)}, from the model's params (all exact rewrites of the model's
   products in real arithmetic; in floating point only the rounding differs):
 
   "classifiers": every head's classifier side by side (D, sum of C_head), in config.heads' order;
@@ -128,11 +128,9 @@ def merge_projections(params, model_config, predictor_queries):
   (LN(x) W + b = n(x) (scale * W) + (bias W + b), n(x) the LayerNorm without them);
   "memory_layers": {"layer_<i>": {"qkv": the self-attention's query, key and value (D, 3 D),
   "out": (D, D)}} for each memory layer after the first;
-  "predictor_context": layer 0's cross-attention logits, then its values, then the keys and values
-  of predictor layers 1, 2, ... side by side (D, F H_p + D (2 L_p - 1)), with bias (N + M, ...):
-  each context row's type embedding e (act or memory) folded in as e W + b. Layer 0's queries q
-  are constants, so its logits q k / sqrt(DH) = x (W_k q / sqrt(DH)) + b_k q / sqrt(DH) are one
-  column per query and head, in place of the D columns of its keys;
+  "predictor_context": the cross-attention keys and values of predictor layers 0, 1, ... side by
+  side (D, 2 D L_p), with bias (N + M, 2 D L_p): each context row's type embedding e (act or
+  memory) folded in as e W + b;
   "predictor_layers": {"layer_<i>": {"cross_out": (D, D)} and, after the first, "cross_query":
   (D, D) and the self-attention: with F = 1 its query attends to its own key alone, with softmax
   weight 1, so the block is one product "self_value_out" (D, D) (value then out); otherwise
@@ -173,15 +171,9 @@ def merge_projections(params, model_config, predictor_queries):
     types = types.at[:n].set(predictor["act_type"])
     if model_config.memory:
       types = types.at[n:].set(predictor["memory_type"])
-  context = lambda i, name: add_input(types, _flat(layers[i]["cross_attention"][name]))
-  keys, scaled_queries = context(0, "key"), predictor_queries / np.sqrt(predictor_queries.shape[-1])
-  per_head = lambda w: w.reshape(w.shape[:-1] + scaled_queries.shape[1:])
-  logits = {key: jnp.einsum("...hd,fhd->...fh", per_head(keys[key]), scaled_queries,
-                            precision="highest").reshape(keys[key].shape[:-1] + (-1,))
-            for key in ("kernel", "bias")}
   merged["predictor_context"] = side_by_side(
-      [logits, context(0, "value")] + [context(i, name) for i in range(1, len(layers))
-                                       for name in ("key", "value")])
+      [add_input(types, _flat(layer["cross_attention"][name]))
+       for layer in layers for name in ("key", "value")])
   merged["predictor_layers"] = {}
   for i, layer in enumerate(layers):
     attention = lambda name: _flat(layer["self_attention"][name])
@@ -207,28 +199,12 @@ def _dense(x, weights, dtype):
   return jnp.dot(x.astype(dtype), weights["kernel"].astype(dtype)) + weights["bias"].astype(dtype)
 
 
-# The attention's two products are sums of float32 products here, as the dots that Flax runs
-# (inputs in dtype, float32 accumulation): at a step's sizes a dot is a kernel with layout copies
-# of its operands and result, while the sums fuse with what produces and reads them.
-
-
-def _logits(q, k):
-  """q (B, Q, H, DH), k (B, K, H, DH) -> q k / sqrt(DH) (B, H, Q, K) in q's dtype, as
-  nn.dot_product_attention's."""
-  q = q / jnp.sqrt(q.shape[-1]).astype(q.dtype)
-  logits = jnp.sum(q.astype(jnp.float32)[:, :, None] * k.astype(jnp.float32)[:, None], axis=-1)
-  return logits.astype(q.dtype).transpose(0, 3, 1, 2)
-
-
-def _attention(logits, v, out, dtype, mask=None):
-  """Flax's MultiHeadDotProductAttention from its logits on: logits (B, H, Q, K) (`_logits`); v
-  (B, K, H, DH); out: the output's {"kernel", "bias"}; mask (B, 1, Q, K) bool or None. Returns
-  (B, Q, D) in dtype."""
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(dtype).min)
-  weights = jax.nn.softmax(logits).astype(dtype).transpose(0, 2, 3, 1)  # (B, Q, K, H)
-  o = jnp.sum(weights.astype(jnp.float32)[..., None] * v.astype(jnp.float32)[:, None], axis=2)
-  return _dense(o.astype(dtype).reshape(o.shape[:-2] + (-1,)), out, dtype)
+def _attention(q, k, v, out, dtype, mask=None):
+  """Flax's MultiHeadDotProductAttention from its projections on: q (B, Q, H, DH); k, v (B, K, H,
+  DH); out: the output's {"kernel", "bias"}; mask (B, 1, Q, K) bool or None. Returns (B, Q, D) in
+  dtype."""
+  o = nn.dot_product_attention(q, k, v, mask=mask, dtype=dtype)
+  return _dense(o.reshape(o.shape[:-2] + (-1,)), out, dtype)
 
 
 def _merged_memory(memory, x, state, constants):
@@ -250,8 +226,7 @@ def _merged_memory(memory, x, state, constants):
       weights = merged["memory_layers"][f"layer_{i}"]
       h = layer.self_attention_norm(tokens)
       qkv = _dense(h, weights["qkv"], dtype).reshape(h.shape[:2] + (3, heads, -1))
-      tokens = tokens + _attention(_logits(qkv[:, :, 0], qkv[:, :, 1]), qkv[:, :, 2],
-                                   weights["out"], dtype)
+      tokens = tokens + _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], weights["out"], dtype)
     else:
       projections["query"] = batch(constants["memory_queries"])
     tokens, layer_state = layer.read(tokens, None, jnp.ones((b, 1), bool), state[i], train=False,
@@ -269,12 +244,10 @@ def _merged_predictor(predictor, act_tokens, act_mask, memory_tokens, constants)
   if memory_tokens is not None:
     context = jnp.concatenate([context, memory_tokens.astype(dtype)], axis=1)
     mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
-  (b, num_context), num_queries = context.shape[:2], config.future_queries
-  first_logits, projections = jnp.split(_dense(context, merged["predictor_context"], dtype),
-                                        [num_queries * heads], axis=-1)
-  # [value 0, key 1, value 1, key 2, ...]: (B, Nc, 2 L_p - 1, H, DH)
-  projections = projections.reshape(b, num_context, -1, heads, config.d_model // heads)
-  mask = jnp.broadcast_to(mask[:, None, None], (b, 1, num_queries, num_context))
+  b, num_context = context.shape[:2]
+  keys_values = _dense(context, merged["predictor_context"], dtype).reshape(
+      b, num_context, -1, 2, heads, config.d_model // heads)
+  mask = jnp.broadcast_to(mask[:, None, None], (b, 1, config.future_queries, num_context))
   split_heads = lambda y: y.reshape(y.shape[:-1] + (heads, -1))
   batch = lambda constant: jnp.broadcast_to(constant, (b,) + constant.shape)
   x = batch(constants["future_targets"])
@@ -284,15 +257,12 @@ def _merged_predictor(predictor, act_tokens, act_mask, memory_tokens, constants)
       x = layer.self_attention_norm(x + _dense(x, weights["self_value_out"], dtype))
     elif i:
       qkv = split_heads(_dense(x, weights["self_qkv"], dtype).reshape(x.shape[:2] + (3, -1)))
-      x = layer.self_attention_norm(x + _attention(_logits(qkv[:, :, 0], qkv[:, :, 1]),
-                                                   qkv[:, :, 2], weights["self_out"], dtype))
-    if i:
-      q = split_heads(_dense(x + predictor.pos, weights["cross_query"], dtype))
-      logits = _logits(q, projections[:, :, 2 * i - 1])
-    else:  # (B, Nc, F H) -> (B, H, F, Nc)
-      logits = first_logits.reshape(b, num_context, num_queries, heads).transpose(0, 3, 2, 1)
-    x = layer.cross_attention_norm(x + _attention(logits, projections[:, :, 2 * i],
-                                                  weights["cross_out"], dtype, mask))
+      x = layer.self_attention_norm(x + _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                                   weights["self_out"], dtype))
+    q = (split_heads(_dense(x + predictor.pos, weights["cross_query"], dtype)) if i else
+         batch(constants["predictor_queries"]))
+    x = layer.cross_attention_norm(x + _attention(
+        q, keys_values[:, :, i, 0], keys_values[:, :, i, 1], weights["cross_out"], dtype, mask))
     x = layer.ffn_norm(x + layer.ffn(x, train=False))
   return x.astype(dtype)
 

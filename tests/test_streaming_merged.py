@@ -63,13 +63,13 @@ def test_merged_step_runs_one_product_per_merged_group():
   frame = {m: np.ones((B, d), np.float32) for m, d in MODALITIES.items()}
   products = lambda p: jax.jit(step).lower(p, state, frame).as_text().count(
       "= stablehlo.dot_general")
-  # 2 input projections, 4 in the Mamba layer (its read-out is a sum); memory: 1 for every
-  # layer's frame key, value and gate, layer 0 (its query is a constant) out and FFN (3), layer 1
-  # self-attention (qkv, out; the attention's products are sums) and query, out, FFN (6), the
-  # read-outs sums; predictor: 1 for every layer's context keys and values (layer 0's logits,
-  # its query being a constant, among them), layer 0 out, FFN (3), layer 1 self-attention (F = 1:
-  # value-out, 1) and query, out, FFN (5); 1 for every classifier.
-  merged = 2 + 4 + (1 + 3 + 6) + (1 + 3 + 5) + 1
+  # 2 input projections, 5 in the Mamba layer; memory: 1 for every layer's frame key, value and
+  # gate, layer 0 (its query is a constant) read-out, out and FFN (4), layer 1 self-attention
+  # (qkv, 2 in the attention, out) and query, read-out, out, FFN (9); predictor: 1 for every
+  # layer's context keys and values, layer 0 (its query a constant) 2 in the attention, out, FFN
+  # (5), layer 1 self-attention (F = 1: value-out, 1) and query, 2 in the attention, out, FFN (7);
+  # 1 for every classifier.
+  merged = 2 + 5 + (1 + 4 + 9) + (1 + 5 + 7) + 1
   assert products(prepare_stream_params(params, config)) == merged
   assert products(params) >= merged + 20
 
