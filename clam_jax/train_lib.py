@@ -242,10 +242,9 @@ class Parallel:
   def predict_step(self, model):
     """jit(predict_step) of model: params replicated, each device predicting its rows of the
     batch, probabilities gathered (replicated)."""
-    split, whole = jax.sharding.PartitionSpec("data"), jax.sharding.PartitionSpec()
     per_device = jax.shard_map(functools.partial(predict_step, apply_fn=model.apply),
-                               mesh=self.mesh, in_specs=(whole, split), out_specs=split,
-                               check_vma=False)
+                               mesh=self.mesh, in_specs=(self.replicated.spec, self.data.spec),
+                               out_specs=self.data.spec, check_vma=False)
     return jax.jit(per_device, in_shardings=(self.replicated, self.data),
                    out_shardings=self.replicated)
 
