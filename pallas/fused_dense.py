@@ -1,0 +1,388 @@
+"""A dense layer for a few rows with its LayerNorm/RMSNorm, activation and residual in one Pallas kernel.
+
+    y = residual_norm(residual) + round(act(input_norm(x) @ W + b))
+
+At batch 1 a streaming step is a chain of products of a handful of rows (one frame, 16 memory
+tokens, one future query) with normalisations and residual adds between them. XLA runs each
+normalisation, product and add as separate kernels whose launches, not their bytes, set the
+latency; here one program per block of output columns normalises its rows itself (the statistics
+of a 1024-wide row cost nothing next to the weights it reads) and applies the bias, activation and
+residual to its block before storing it.
+
+Grid: (N / block_n, B), one program per block of output columns and batch element; a program holds
+the R rows of its batch element, so row-wise normalisation needs no communication.
+"""
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
+_MIN_DOT_DIM = 16
+
+
+class Norm(NamedTuple):
+  """A row normalisation: kind "layer" (x - mean) / sqrt(var + eps) or "rms" x / sqrt(mean(x^2) +
+  eps), then * scale + bias (each (K,) or None: absent). Statistics in float32, variance as
+  E[x^2] - E[x]^2 (Flax's LayerNorm and RMSNorm)."""
+  kind: str
+  scale: jax.Array | None = None
+  bias: jax.Array | None = None
+  eps: float = 1e-6
+
+
+def _is_power_of_two(n):
+  return n >= 1 and not n & (n - 1)
+
+
+def _row_stats(ref, kind, eps, block_k):
+  """ref: (R, K) -> (shift (R, 1), inverse scale (R, 1)) float32 of `Norm` kind over K."""
+  num_chunks = ref.shape[-1] // block_k
+
+  def body(i, sums):
+    x = ref[:, pl.ds(pl.multiple_of(i * block_k, block_k), block_k)].astype(jnp.float32)
+    return (sums[0] + jnp.sum(x, axis=1)[:, None], sums[1] + jnp.sum(x * x, axis=1)[:, None])
+
+  zeros = jnp.zeros((ref.shape[0], 1), jnp.float32)
+  total, squares = lax.fori_loop(0, num_chunks, body, (zeros, zeros))
+  mean_square = squares / ref.shape[-1]
+  if kind == "rms":
+    return zeros, lax.rsqrt(mean_square + eps)
+  mean = total / ref.shape[-1]
+  return mean, lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0.0) + eps)
+
+
+def _normalize(x, stats, scale_ref, bias_ref, start, size):
+  """x: (R, size) float32 columns [start, start + size) of the rows that `stats` describe."""
+  shift, inverse = stats
+  y = (x - shift) * inverse
+  if scale_ref is not None:
+    y = y * scale_ref[pl.ds(start, size)].astype(jnp.float32)[None, :]
+  if bias_ref is not None:
+    y = y + bias_ref[pl.ds(start, size)].astype(jnp.float32)[None, :]
+  return y
+
+
+def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation, block_k,
+            use_dot, precision):
+  refs = dict(zip(layout, refs))
+  x_ref, w_ref, out_ref = refs["x"], refs["kernel"], refs["out"]
+  num_rows, block_n = out_ref.shape
+  dtype = w_ref.dtype
+  rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
+  stats = (None if input_norm is None
+           else _row_stats(x_ref, input_norm.kind, input_norm.eps, block_k))
+
+  def body(i, acc):
+    start = pl.multiple_of(i * block_k, block_k)
+    x = x_ref[:, pl.ds(start, block_k)]
+    if input_norm is not None:
+      normed = _normalize(x.astype(jnp.float32), stats, refs.get("norm_scale"),
+                          refs.get("norm_bias"), start, block_k)
+      x = normed if norm_from_row == 0 else jnp.where(rows >= norm_from_row, normed,
+                                                      x.astype(jnp.float32))
+    x = x.astype(dtype)
+    w = w_ref[pl.ds(start, block_k), :]
+    if use_dot:
+      return acc + jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32)
+    return acc + jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None],
+                         axis=1)
+
+  acc = lax.fori_loop(0, x_ref.shape[-1] // block_k, body,
+                      jnp.zeros((num_rows, block_n), jnp.float32))
+  _store(acc, refs, activation, residual_norm)
+
+
+def _store(acc, refs, activation, residual_norm):
+  """out = residual_norm(residual) + round(activation(acc + bias)); acc: (R, block_n) float32."""
+  out_ref = refs["out"]
+  block_n = out_ref.shape[-1]
+  if "bias" in refs:
+    bias = refs["bias"][...].astype(jnp.float32)
+    acc = acc + (bias[None, :] if bias.ndim == 1 else bias)
+  if activation == "relu":
+    acc = jnp.maximum(acc, 0.0)
+  y = acc.astype(refs["kernel"].dtype)
+  if "residual" in refs:
+    residual_ref = refs["residual"]
+    if residual_norm is None:
+      residual = residual_ref[...].astype(jnp.float32)
+    else:
+      start = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+      residual = _normalize(
+          residual_ref[:, pl.ds(start, block_n)].astype(jnp.float32),
+          _row_stats(residual_ref, residual_norm.kind, residual_norm.eps, block_n),
+          refs.get("residual_scale"), refs.get("residual_bias"), start, block_n)
+    y = residual + y.astype(jnp.float32)
+  out_ref[...] = y.astype(out_ref.dtype)
+
+
+class _Operands:
+  """The pallas_call operands of a grid (N / block_n, B): names (the kernel's refs), arrays, specs."""
+
+  def __init__(self):
+    self.layout, self.arrays, self.specs = [], [], []
+
+  def add(self, name, array, block_shape, index_map):
+    self.layout.append(name)
+    self.arrays.append(array)
+    self.specs.append(pl.BlockSpec(block_shape, index_map))
+
+  def add_norm(self, prefix, norm, size):
+    for name in ("scale", "bias"):
+      value = getattr(norm, name)
+      if value is not None:
+        if value.shape != (size,):
+          raise ValueError(f"the {prefix} norm's {name} must have shape ({size},), got "
+                           f"{value.shape}")
+        self.add(f"{prefix}_{name}", value, (size,), lambda j, i: (0,))
+
+  def add_epilogue(self, b, r, n, block_n, bias, residual, residual_norm):
+    """bias (N,) or (R, N) or None; residual (B or 1, R, N) or None; its Norm or None."""
+    if bias is not None:
+      if bias.shape not in ((n,), (r, n)):
+        raise ValueError(f"bias must have shape (N,) = ({n},) or (R, N) = ({r}, {n}), got "
+                         f"{bias.shape}")
+      if bias.ndim == 1:
+        self.add("bias", bias, (block_n,), lambda j, i: (j,))
+      else:
+        self.add("bias", bias, (r, block_n), lambda j, i: (0, j))
+    if residual_norm is not None and residual is None:
+      raise ValueError("residual_norm needs a residual")
+    if residual is None:
+      return
+    if residual.ndim != 3 or residual.shape[0] not in (1, b) or residual.shape[1:] != (r, n):
+      raise ValueError(f"residual must have shape (B or 1, R, N) = ({b} or 1, {r}, {n}), got "
+                       f"{residual.shape}")
+    index = _batch_index(residual)
+    if residual_norm is None:
+      self.add("residual", residual, (None, r, block_n), lambda j, i: (index(i), 0, j))
+    else:  # its statistics need whole rows
+      self.add("residual", residual, (None, r, n), lambda j, i: (index(i), 0, 0))
+      self.add_norm("residual", residual_norm, n)
+
+  def call(self, body, *, grid, out_shape, block_n, num_warps, interpret, name):
+    b, r, _ = out_shape.shape
+    if interpret is None:
+      interpret = jax.default_backend() != "gpu"
+    return pl.pallas_call(
+        functools.partial(body, layout=tuple(self.layout) + ("out",)),
+        grid=grid,
+        in_specs=self.specs,
+        out_specs=pl.BlockSpec((None, r, block_n), lambda j, i: (i, 0, j)),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name=name,
+    )(*self.arrays)
+
+
+def _batch_index(array):
+  """Index map of the batch axis: an array of batch 1 is shared by every batch element."""
+  return (lambda i: 0) if array.shape[0] == 1 else (lambda i: i)
+
+
+def _check_block(name, block, dim, array_name, shape):
+  if not _is_power_of_two(block) or dim % block:
+    raise ValueError(f"{name}={block} must be a power of two dividing {dim} ({array_name} "
+                     f"{shape})")
+
+
+def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=None,
+                residual=None, residual_norm=None, block_n=64, block_k=128, num_warps=4,
+                interpret=None):
+  """act(norm(x) @ kernel + bias), rounded to kernel's dtype, plus an optional (normalised) residual.
+
+  x: (B, R, K), R rows per batch element (a power of two, at most 64); kernel: (K, N), its dtype
+  the compute dtype (inputs are rounded to it, products accumulate in float32, as Flax's Dense);
+  bias: (N,) or (R, N) (a bias per row) or None.
+  norm: a `Norm` over K applied to rows norm_from_row.. of x before the product (the rows before
+  it enter as they are), or None.
+  activation: None or "relu", after the bias.
+  residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
+  Returns (B, R, N): float32 with a residual (the residual stream), else kernel's dtype.
+  block_n / block_k: output columns per program and the product's K chunk (powers of two dividing
+  N and K; block_k is also the chunk of the norm statistics); interpret: Pallas interpret mode
+  (default: off on GPU, on elsewhere).
+  """
+  if x.ndim != 3:
+    raise ValueError(f"x must have shape (B, R, K), got {x.shape}")
+  b, r, k = x.shape
+  if kernel.ndim != 2 or kernel.shape[0] != k:
+    raise ValueError(f"kernel must have shape (K, N) with K = {k} from x {x.shape}, got "
+                     f"{kernel.shape}")
+  n = kernel.shape[1]
+  if not _is_power_of_two(r) or r > 64:
+    raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
+  block_n, block_k = min(block_n, n), min(block_k, k)
+  _check_block("block_n", block_n, n, "kernel", kernel.shape)
+  _check_block("block_k", block_k, k, "kernel", kernel.shape)
+  if activation not in (None, "relu"):
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+  operands = _Operands()
+  operands.add("x", x, (None, r, k), lambda j, i: (i, 0, 0))
+  operands.add("kernel", kernel, (k, block_n), lambda j, i: (0, j))
+  if norm is not None:
+    operands.add_norm("norm", norm, k)
+  operands.add_epilogue(b, r, n, block_n, bias, residual, residual_norm)
+  out_dtype = jnp.float32 if residual is not None else kernel.dtype
+  body = functools.partial(
+      _kernel, input_norm=norm, residual_norm=residual_norm, norm_from_row=norm_from_row,
+      activation=activation, block_k=block_k, use_dot=min(r, block_k, block_n) >= _MIN_DOT_DIM,
+      precision=_precision(kernel.dtype))
+  return operands.call(body, grid=(n // block_n, b),
+                       out_shape=jax.ShapeDtypeStruct((b, r, n), out_dtype), block_n=block_n,
+                       num_warps=num_warps, interpret=interpret, name="fused_dense")
+
+
+def _precision(dtype):
+  # float32 products in full precision (Triton's default for float32 tl.dot is TF32).
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _attention_kernel(*refs, layout, num_heads, column_blocks, scale, residual_norm):
+  refs = dict(zip(layout, refs))
+  q_ref, k_ref, v_ref, w_ref = refs["q"], refs["k"], refs["v"], refs["kernel"]
+  num_queries, block_n = refs["out"].shape
+  num_keys = k_ref.shape[0]
+  dtype = w_ref.dtype
+  head_dim = w_ref.shape[0] // num_heads
+  f32 = lambda y: y.astype(jnp.float32)
+  use_dot = min(num_queries, num_keys, head_dim) >= _MIN_DOT_DIM
+  out_dot = min(num_queries, head_dim, block_n) >= _MIN_DOT_DIM
+  acc = jnp.zeros((num_queries, block_n), jnp.float32)
+  for h in range(num_heads):
+    head = lambda ref, block: ref[:, pl.ds((block * num_heads + h) * head_dim, head_dim)]
+    q, k, v = (head(ref, block) for ref, block in zip((q_ref, k_ref, v_ref), column_blocks))
+    if use_dot:
+      logits = jnp.dot(q, k.T, precision=_precision(dtype), preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.sum(f32(q)[:, None, :] * f32(k)[None, :, :], axis=2)
+    logits = scale * logits
+    if "mask" in refs:
+      logits = logits + refs["mask"][...][None, :]
+    weights = jnp.exp(logits - jnp.max(logits, axis=1)[:, None])
+    weights = weights / jnp.sum(weights, axis=1)[:, None]
+    if use_dot:
+      o = jnp.dot(weights.astype(dtype), v, precision=_precision(dtype),
+                  preferred_element_type=jnp.float32)
+    else:
+      o = jnp.sum(weights[:, :, None] * f32(v)[None, :, :], axis=1)
+    o = o.astype(dtype)  # the attention's output in the compute dtype, as Flax's
+    w = w_ref[pl.ds(h * head_dim, head_dim), :]
+    if out_dot:
+      acc = acc + jnp.dot(o, w, precision=_precision(dtype), preferred_element_type=jnp.float32)
+    else:
+      acc = acc + jnp.sum(f32(o)[:, :, None] * f32(w)[None, :, :], axis=1)
+  _store(acc, refs, None, residual_norm)
+
+
+def attention_dense(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 0, 0), mask=None,
+                    residual=None, residual_norm=None, block_n=64, num_warps=4, interpret=None):
+  """Multi-head softmax attention of a few queries over a few keys, its output projection and
+  residual, in one kernel: residual_norm(residual) + round(concat_h(softmax(q_h k_h^T / sqrt(dh))
+  v_h) @ kernel + bias). Every program computes the whole (small) attention and one block of output
+  columns.
+
+  q: (B or 1, Q, Wq); k, v: (B, K, Wk), (B, K, Wv); the heads are the D = kernel.shape[0] columns
+  at column_blocks[i] * D of each (so that merged projections are read in place, not sliced),
+  head-major (H = num_heads heads of dh = D / H). mask: (B, K) bool (False: never attended) or
+  None. kernel: (D, N) in the compute dtype; bias, residual, residual_norm: as `fused_dense`'s.
+  Logits and softmax in float32; the attention output is rounded to the compute dtype before the
+  projection (as Flax's MultiHeadDotProductAttention). Q, K and dh must be powers of two.
+  Returns (B, Q, N): float32 with a residual, else kernel's dtype.
+  """
+  d, n = kernel.shape
+  b, num_keys = k.shape[:2]
+  num_queries = q.shape[1]
+  if d % num_heads:
+    raise ValueError(f"kernel's D = {d} must be a multiple of num_heads = {num_heads}")
+  for name, array, block in zip("qkv", (q, k, v), column_blocks):
+    if array.ndim != 3 or array.shape[-1] < (block + 1) * d or array.shape[0] not in (1, b):
+      raise ValueError(f"{name} must have shape (B, rows, W) with W >= {(block + 1) * d} "
+                       f"(column block {block} of D = {d}) and B = {b}, got {array.shape}")
+  if v.shape[:2] != (b, num_keys):
+    raise ValueError(f"v must have k's leading shape {(b, num_keys)}, got {v.shape}")
+  for name, size in (("Q", num_queries), ("K", num_keys), ("dh", d // num_heads)):
+    if not _is_power_of_two(size):
+      raise ValueError(f"attention_dense needs powers of two: {name} = {size}")
+  block_n = min(block_n, n)
+  _check_block("block_n", block_n, n, "kernel", kernel.shape)
+  operands = _Operands()
+  for name, array in zip("qkv", (q, k, v)):
+    index = _batch_index(array)
+    operands.add(name, array, (None,) + array.shape[1:],
+                 lambda j, i, index=index: (index(i), 0, 0))
+  operands.add("kernel", kernel, (d, block_n), lambda j, i: (0, j))
+  if mask is not None:
+    if mask.shape != (b, num_keys):
+      raise ValueError(f"mask must have shape (B, K) = {(b, num_keys)}, got {mask.shape}")
+    # Flax's masked logits are the dtype's minimum: an additive large negative does the same.
+    operands.add("mask", jnp.where(mask, 0.0, -1e30).astype(jnp.float32), (None, num_keys),
+                 lambda j, i: (i, 0))
+  operands.add_epilogue(b, num_queries, n, block_n, bias, residual, residual_norm)
+  body = functools.partial(_attention_kernel, num_heads=num_heads,
+                           column_blocks=tuple(column_blocks),
+                           scale=float((d // num_heads) ** -0.5), residual_norm=residual_norm)
+  out_dtype = jnp.float32 if residual is not None else kernel.dtype
+  return operands.call(body, grid=(n // block_n, b),
+                       out_shape=jax.ShapeDtypeStruct((b, num_queries, n), out_dtype),
+                       block_n=block_n, num_warps=num_warps, interpret=interpret,
+                       name="attention_dense")
+
+
+def attention_dense_reference(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 0, 0),
+                              mask=None, residual=None, residual_norm=None):
+  """`attention_dense` through Flax's dot_product_attention and `fused_dense_reference`."""
+  d = kernel.shape[0]
+  b = k.shape[0]
+  heads = lambda array, block: jnp.broadcast_to(
+      array, (b,) + array.shape[1:])[..., block * d:(block + 1) * d].reshape(
+          (b, array.shape[1], num_heads, -1))
+  q, k, v = (heads(array, block) for array, block in zip((q, k, v), column_blocks))
+  o = nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                               v.astype(jnp.float32),
+                               mask=None if mask is None else mask[:, None, None, :],
+                               precision="highest")
+  return fused_dense_reference(o.reshape(o.shape[:2] + (d,)).astype(kernel.dtype), kernel, bias,
+                               residual=residual, residual_norm=residual_norm)
+
+
+def fused_dense_reference(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=None,
+                          residual=None, residual_norm=None):
+  """`fused_dense` in plain jnp (same arguments and result, no block sizes)."""
+
+  def normalize(y, norm):
+    y = y.astype(jnp.float32)
+    mean = jnp.mean(y, axis=-1, keepdims=True)
+    mean_square = jnp.mean(y * y, axis=-1, keepdims=True)
+    if norm.kind == "rms":
+      y = y * lax.rsqrt(mean_square + norm.eps)
+    else:
+      y = (y - mean) * lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0.0) + norm.eps)
+    if norm.scale is not None:
+      y = y * norm.scale.astype(jnp.float32)
+    return y if norm.bias is None else y + norm.bias.astype(jnp.float32)
+
+  dtype = kernel.dtype
+  if norm is not None:
+    rows = jnp.arange(x.shape[1])[:, None] >= norm_from_row
+    x = jnp.where(rows, normalize(x, norm), x.astype(jnp.float32))
+  y = jnp.einsum("brk,kn->brn", x.astype(dtype), kernel, precision="highest",
+                 preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  if activation == "relu":
+    y = jnp.maximum(y, 0.0)
+  y = y.astype(dtype)
+  if residual is None:
+    return y
+  residual = (residual.astype(jnp.float32) if residual_norm is None
+              else normalize(residual, residual_norm))
+  return residual + y.astype(jnp.float32)
