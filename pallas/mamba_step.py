@@ -1,0 +1,307 @@
+"""One streaming step of a Mamba block (one frame, batch B) as two fused Pallas GPU (Triton) kernels.
+
+`mamba_in_conv`: RMSNorm of the residual stream, in_proj, the causal depthwise conv step and silu,
+and this channel block's share of x_proj; `mamba_scan_gate`: the rest of x_proj, dt_proj, softplus,
+the selective-scan step and the silu(z) gate. out_proj and the residual add come after them. Both
+grids are (B, Di / block_c): one program per block_c channels of one stream, so at batch 1 the
+weights, not the arithmetic, bound the time and each weight is read once. x_proj contracts over
+all of Di, which one program of the first kernel does not see: each writes its partial product
+(B, Di / block_c, P) and the second kernel sums the partials.
+Semantics are those of `clam_jax.ssm.MambaBlock.step` on `nn.RMSNorm(eps, dtype=...)`'s output, as
+in `clam_jax.processor.Processor.step`; `mamba_in_conv_reference` / `mamba_scan_gate_reference`
+spell them out in jnp.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Elements of one broadcast product per loop iteration: about 32 float32 values a thread at 4
+# warps, so the (chunk, block_c) weight tiles stay in registers.
+_MAX_TILE = 4096
+_NUM_STAGES = 1
+
+
+def _is_power_of_two(n):
+  return n >= 1 and n & (n - 1) == 0
+
+
+def _check_block_c(block_c, d_inner):
+  if not _is_power_of_two(block_c) or d_inner % block_c:
+    raise ValueError(f"block_c must be a power of two (Triton tiles have power-of-two sides) "
+                     f"dividing Di = {d_inner}, got {block_c}")
+
+
+def _chunk(n, block_c):
+  """The power of two dividing n, at most _MAX_TILE / block_c, by which the kernels walk n."""
+  return min(n & -n, max(_MAX_TILE // block_c, 1))
+
+
+def _interpret(interpret):
+  return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def _silu(x):
+  return x * jax.nn.sigmoid(x)
+
+
+def _softplus(x):
+  # log(1 + e^x) without overflow; jax.nn.softplus's logaddexp brings a custom_jvp and isinf checks.
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def pack_x_proj(x_kernel, dt_kernel, *, dt_rank, d_state):
+  """Lays x_proj and dt_proj out so that the kernels load each part with a power-of-two slice.
+
+  x_kernel: (Di, dt_rank + 2 d_state) (MambaBlock's x_proj kernel); dt_kernel: (dt_rank, Di)
+  (dt_proj's). With R the next power of two >= dt_rank and P the next power of two >= R + 2 d_state,
+  returns x_packed (Di, P), columns [0:dt_rank] the dt part, [R:R+d_state] B, [R+d_state:R+2 d_state]
+  C and zeros elsewhere, and dt_packed (R, Di), rows [0:dt_rank] dt_kernel and zeros after, both in
+  their inputs' dtypes. The zero rows of dt_packed meet the zero columns of x_packed, so dt_proj's
+  product is unchanged. d_state must be a power of two.
+  """
+  if not _is_power_of_two(d_state):
+    raise ValueError(f"d_state must be a power of two, got {d_state}")
+  d_inner = x_kernel.shape[0]
+  if x_kernel.shape != (d_inner, dt_rank + 2 * d_state):
+    raise ValueError(f"x_kernel must have shape (Di, dt_rank + 2 d_state) = "
+                     f"(Di, {dt_rank + 2 * d_state}), got {tuple(x_kernel.shape)}")
+  if dt_kernel.shape != (dt_rank, d_inner):
+    raise ValueError(f"dt_kernel must have shape (dt_rank, Di) = {(dt_rank, d_inner)}, "
+                     f"got {tuple(dt_kernel.shape)}")
+  r = pl.next_power_of_2(dt_rank)
+  p = pl.next_power_of_2(r + 2 * d_state)
+  x_packed = jnp.zeros((d_inner, p), x_kernel.dtype)
+  x_packed = x_packed.at[:, :dt_rank].set(x_kernel[:, :dt_rank])
+  x_packed = x_packed.at[:, r:r + 2 * d_state].set(x_kernel[:, dt_rank:])
+  dt_packed = jnp.zeros((r, d_inner), dt_kernel.dtype).at[:dt_rank].set(dt_kernel)
+  return x_packed, dt_packed
+
+
+def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref, conv_bias_ref,
+                    x_packed_ref, u_ref, z_ref, conv_out_ref, partial_ref, *, eps, chunk):
+  """Refs: h, scale (D,); wx, wz (D, bc) (in_proj's xs and z columns of this block); conv
+  (d_conv - 1, bc); conv_kernel (d_conv, bc); conv_bias (bc,); x_packed (bc, P). Writes u, z (bc,),
+  the new conv state (d_conv - 1, bc) and the x_proj partial (P,)."""
+  d_model = h_ref.shape[0]
+  num_chunks = d_model // chunk
+  cdt = wx_ref.dtype
+  rows = lambda i: pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+
+  # The RMS statistic needs the whole row before any normalised value exists: a first pass.
+  def square_sum(i, acc):
+    x = h_ref[rows(i)]
+    return acc + jnp.sum(x * x)
+
+  ms = lax.fori_loop(0, num_chunks, square_sum, jnp.float32(0.0)) / d_model
+  # Applied as flax's RMSNorm does: x * (rsqrt(ms + eps) * scale), then rounded.
+  inv_rms = lax.rsqrt(ms + eps)
+
+  def matvec(i, acc):
+    acc_x, acc_z = acc
+    n = (h_ref[rows(i)] * (inv_rms * scale_ref[rows(i)])).astype(cdt).astype(jnp.float32)
+    acc_x = acc_x + jnp.sum(n[:, None] * wx_ref[rows(i), :].astype(jnp.float32), axis=0)
+    acc_z = acc_z + jnp.sum(n[:, None] * wz_ref[rows(i), :].astype(jnp.float32), axis=0)
+    return acc_x, acc_z
+
+  zeros = jnp.zeros(wx_ref.shape[1:], jnp.float32)
+  xs, z = lax.fori_loop(0, num_chunks, matvec, (zeros, zeros))
+  z_ref[...] = z.astype(cdt)
+  xs = xs.astype(cdt).astype(jnp.float32)  # in_proj's output is in the compute dtype
+
+  # d_conv - 1 is rarely a power of two: the window moves one (bc,) row at a time.
+  d_conv = conv_kernel_ref.shape[0]
+  window = [conv_ref[k] for k in range(d_conv - 1)] + [xs]
+  conv = conv_bias_ref[...]
+  for k in range(d_conv):
+    conv = conv + window[k] * conv_kernel_ref[k]
+  for k in range(d_conv - 1):
+    conv_out_ref[k] = window[k + 1]
+  u = _silu(conv).astype(cdt)
+  u_ref[...] = u
+  partial_ref[...] = jnp.sum(u.astype(jnp.float32)[:, None]
+                             * x_packed_ref[...].astype(jnp.float32), axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_c", "num_warps", "interpret"))
+def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, x_packed, *, eps,
+                  block_c=16, num_warps=4, interpret=None):
+  """RMSNorm, in_proj, conv step + silu and the partial x_proj products of one Mamba step.
+
+  h: (B, D) float32 residual stream; norm_scale: (D,) float32 RMSNorm scale; in_kernel: (D, 2 Di) in
+  the compute dtype (bf16 or float32; the compute dtype is in_kernel.dtype); conv_state: (B,
+  d_conv - 1, Di) float32 (the last d_conv - 1 conv inputs, oldest first); conv_kernel: (d_conv, Di)
+  float32; conv_bias: (Di,) float32; x_packed: (Di, P) compute dtype, from `pack_x_proj`.
+  Returns u (B, Di) and z (B, Di) in the compute dtype, the new conv state (B, d_conv - 1, Di)
+  float32 (written over conv_state's buffer where it is donated), and x_partial (B, Di / block_c,
+  P) float32, whose sum over axis 1 is u @ x_packed. block_c: channels per program, a power of two
+  dividing Di; num_warps: Triton warps per program; interpret: Pallas interpret mode, None meaning
+  off GPU. D is walked in power-of-two chunks dividing it.
+  """
+  b, d_model = h.shape
+  d_inner = in_kernel.shape[1] // 2
+  d_conv = conv_kernel.shape[0]
+  p = x_packed.shape[1]
+  if norm_scale.shape != (d_model,) or in_kernel.shape != (d_model, 2 * d_inner):
+    raise ValueError(f"norm_scale must have shape (D,) and in_kernel (D, 2 Di) with D = {d_model} "
+                     f"from h {tuple(h.shape)}, got {tuple(norm_scale.shape)} and "
+                     f"{tuple(in_kernel.shape)}")
+  if (conv_state.shape != (b, d_conv - 1, d_inner) or conv_kernel.shape != (d_conv, d_inner)
+      or conv_bias.shape != (d_inner,)):
+    raise ValueError(f"conv_state, conv_kernel, conv_bias must have shapes (B, d_conv - 1, Di), "
+                     f"(d_conv, Di), (Di,) = {(b, d_conv - 1, d_inner)}, {(d_conv, d_inner)}, "
+                     f"{(d_inner,)}, got {tuple(conv_state.shape)}, {tuple(conv_kernel.shape)}, "
+                     f"{tuple(conv_bias.shape)}")
+  if x_packed.shape[0] != d_inner or not _is_power_of_two(p):
+    raise ValueError(f"x_packed must have shape (Di, P) with Di = {d_inner} and P a power of two "
+                     f"(see pack_x_proj), got {tuple(x_packed.shape)}")
+  _check_block_c(block_c, d_inner)
+  num_blocks = d_inner // block_c
+  cdt = in_kernel.dtype
+  row = pl.BlockSpec((None, d_model), lambda i, j: (i, 0))
+  vector = pl.BlockSpec((d_model,), lambda i, j: (0,))
+  # in_kernel goes in twice: its xs columns [c] and its z columns [Di + c].
+  wx = pl.BlockSpec((d_model, block_c), lambda i, j: (0, j))
+  wz = pl.BlockSpec((d_model, block_c), lambda i, j: (0, j + num_blocks))
+  conv = pl.BlockSpec((None, d_conv - 1, block_c), lambda i, j: (i, 0, j))
+  conv_kernel_spec = pl.BlockSpec((d_conv, block_c), lambda i, j: (0, j))
+  channels = pl.BlockSpec((block_c,), lambda i, j: (j,))
+  x_packed_spec = pl.BlockSpec((block_c, p), lambda i, j: (j, 0))
+  channels_of_row = pl.BlockSpec((None, block_c), lambda i, j: (i, j))
+  partial = pl.BlockSpec((None, None, p), lambda i, j: (i, j, 0))
+  kernel = functools.partial(_in_conv_kernel, eps=eps, chunk=_chunk(d_model, block_c))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, num_blocks),
+      in_specs=[row, vector, wx, wz, conv, conv_kernel_spec, channels, x_packed_spec],
+      out_specs=[channels_of_row, channels_of_row, conv, partial],
+      out_shape=[jax.ShapeDtypeStruct((b, d_inner), cdt),
+                 jax.ShapeDtypeStruct((b, d_inner), cdt),
+                 jax.ShapeDtypeStruct(conv_state.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((b, num_blocks, p), jnp.float32)],
+      input_output_aliases={4: 2},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
+      interpret=_interpret(interpret),
+      name="mamba_in_conv",
+  )(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_kernel, in_kernel,
+    conv_state.astype(jnp.float32), conv_kernel.astype(jnp.float32),
+    conv_bias.astype(jnp.float32), x_packed.astype(cdt))
+
+
+def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_ref, u_ref, z_ref,
+                      y_ref, ssm_out_ref, *, d_state, block_n):
+  """Refs: partial (num_blocks, P); dt_packed (R, bc); dt_bias, d, u, z (bc,); a (bc, N); ssm
+  (bc, N). Writes y (bc,) and the new ssm state (bc, N)."""
+  cdt = dt_packed_ref.dtype
+  r = dt_packed_ref.shape[0]
+  num_blocks = partial_ref.shape[0]
+
+  def x_proj_part(start, size):
+    """Columns [start, start + size) of x_proj's output: the partials summed, rounded to cdt."""
+    def add(i, acc):
+      blocks = pl.ds(pl.multiple_of(i * block_n, block_n), block_n)
+      return acc + jnp.sum(partial_ref[blocks, pl.ds(start, size)], axis=0)
+
+    acc = lax.fori_loop(0, num_blocks // block_n, add, jnp.zeros((size,), jnp.float32))
+    return acc.astype(cdt).astype(jnp.float32)
+
+  dt = x_proj_part(0, r)
+  b_in = x_proj_part(r, d_state)
+  c_in = x_proj_part(r + d_state, d_state)
+  dt_proj = jnp.sum(dt[:, None] * dt_packed_ref[...].astype(jnp.float32), axis=0)
+  delta = _softplus(dt_proj.astype(cdt).astype(jnp.float32) + dt_bias_ref[...])
+  u = u_ref[...].astype(jnp.float32)
+  h = (jnp.exp(delta[:, None] * a_ref[...]) * ssm_ref[...]
+       + (delta * u)[:, None] * b_in[None, :])
+  ssm_out_ref[...] = h
+  y = jnp.sum(h * c_in[None, :], axis=1) + d_ref[...] * u
+  y_ref[...] = (y * _silu(z_ref[...].astype(jnp.float32))).astype(y_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("d_state", "block_c", "num_warps", "interpret"))
+def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state, block_c=16,
+                    num_warps=4, interpret=None):
+  """x_proj's sum, dt_proj, softplus, the selective-scan step and the silu(z) gate of one Mamba step.
+
+  x_partial: (B, num_blocks, P) float32 from `mamba_in_conv` (any num_blocks); dt_packed: (R, Di) in
+  the compute dtype, from `pack_x_proj` (the compute dtype is dt_packed.dtype); dt_bias: (Di,)
+  float32; A: (Di, d_state) float32 (-exp(A_log)); D: (Di,) float32; ssm_state: (B, Di, d_state)
+  float32; u, z: (B, Di) compute dtype. d_state: a power of two, R + 2 d_state <= P.
+  Returns y (B, Di) in the compute dtype (before out_proj) and the new ssm state (B, Di, d_state)
+  float32 (written over ssm_state's buffer where it is donated). block_c: channels per program, a
+  power of two dividing Di; num_warps: Triton warps per program; interpret: Pallas interpret mode,
+  None meaning off GPU.
+  """
+  b, num_blocks, p = x_partial.shape
+  r, d_inner = dt_packed.shape
+  if not _is_power_of_two(d_state):
+    raise ValueError(f"d_state must be a power of two, got {d_state}")
+  if not _is_power_of_two(r) or not _is_power_of_two(p) or r + 2 * d_state > p:
+    raise ValueError(f"dt_packed (R, Di) and x_partial (B, num_blocks, P) need powers of two R and "
+                     f"P with R + 2 d_state <= P (see pack_x_proj), got {tuple(dt_packed.shape)} "
+                     f"and {tuple(x_partial.shape)} with d_state = {d_state}")
+  for name, x, shape in (("dt_bias", dt_bias, (d_inner,)), ("A", A, (d_inner, d_state)),
+                         ("D", D, (d_inner,)), ("ssm_state", ssm_state, (b, d_inner, d_state)),
+                         ("u", u, (b, d_inner)), ("z", z, (b, d_inner))):
+    if x.shape != shape:
+      raise ValueError(f"{name} must have shape {shape} (Di = {d_inner} from dt_packed, B = {b} "
+                       f"from x_partial), got {tuple(x.shape)}")
+  _check_block_c(block_c, d_inner)
+  cdt = dt_packed.dtype
+  partial = pl.BlockSpec((None, num_blocks, p), lambda i, j: (i, 0, 0))
+  dt_packed_spec = pl.BlockSpec((r, block_c), lambda i, j: (0, j))
+  channels = pl.BlockSpec((block_c,), lambda i, j: (j,))
+  a_spec = pl.BlockSpec((block_c, d_state), lambda i, j: (j, 0))
+  state = pl.BlockSpec((None, block_c, d_state), lambda i, j: (i, j, 0))
+  channels_of_row = pl.BlockSpec((None, block_c), lambda i, j: (i, j))
+  kernel = functools.partial(_scan_gate_kernel, d_state=d_state,
+                             block_n=_chunk(num_blocks, p))
+  return pl.pallas_call(
+      kernel,
+      grid=(b, d_inner // block_c),
+      in_specs=[partial, dt_packed_spec, channels, a_spec, channels, state, channels_of_row,
+                channels_of_row],
+      out_specs=[channels_of_row, state],
+      out_shape=[jax.ShapeDtypeStruct((b, d_inner), cdt),
+                 jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32)],
+      input_output_aliases={5: 1},
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
+      interpret=_interpret(interpret),
+      name="mamba_scan_gate",
+  )(x_partial.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32), A.astype(jnp.float32),
+    D.astype(jnp.float32), ssm_state.astype(jnp.float32), u.astype(cdt), z.astype(cdt))
+
+
+def mamba_in_conv_reference(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias,
+                            x_packed, *, eps):
+  """`mamba_in_conv` in jnp. x_partial comes as one block, (B, 1, P): the whole u @ x_packed."""
+  cdt = in_kernel.dtype
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  dot = lambda a, b: jnp.dot(a, b, precision="highest", preferred_element_type=jnp.float32)
+  h = f32(h)
+  ms = jnp.mean(h * h, axis=-1, keepdims=True)
+  n = (h * (lax.rsqrt(ms + eps) * f32(norm_scale))).astype(cdt)
+  xs, z = jnp.split(dot(n, in_kernel).astype(cdt), 2, axis=-1)
+  window = jnp.concatenate([f32(conv_state), f32(xs)[:, None]], axis=1)
+  u = jax.nn.silu(jnp.sum(window * f32(conv_kernel), axis=1) + f32(conv_bias)).astype(cdt)
+  return u, z, window[:, 1:], dot(u, x_packed.astype(cdt))[:, None]
+
+
+def mamba_scan_gate_reference(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state):
+  """`mamba_scan_gate` in jnp."""
+  cdt = dt_packed.dtype
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  r = dt_packed.shape[0]
+  x_dbl = f32(jnp.sum(f32(x_partial), axis=1).astype(cdt))
+  dt, b_in, c_in = x_dbl[:, :r], x_dbl[:, r:r + d_state], x_dbl[:, r + d_state:r + 2 * d_state]
+  dt_proj = jnp.dot(dt.astype(cdt), dt_packed, precision="highest",
+                    preferred_element_type=jnp.float32).astype(cdt)
+  delta = jax.nn.softplus(f32(dt_proj) + f32(dt_bias))
+  u32 = f32(u)
+  h = jnp.exp(delta[..., None] * f32(A)) * f32(ssm_state) + (delta * u32)[..., None] * b_in[:, None]
+  y = jnp.einsum("bdn,bn->bd", h, c_in, precision="highest") + f32(D) * u32
+  return (y * jax.nn.silu(f32(z))).astype(cdt), h
