@@ -2,8 +2,11 @@
 
 `memory_update` advances the state of every memory layer by one frame and reads layer 0's tokens
 out of its new state; `memory_readout` reads any layer's tokens out of a state. One program per
-(batch, head) holds a DK x DV state in registers. The semantics are those of
-`clam_jax.clam.CrossLinearAttention` on one unmasked frame (T = 1) with memory_normalize=False:
+(batch, head, DV block) holds a DK x block_v slice of the state in registers: at batch 1 a (batch,
+head) grid is too few programs, each holding a whole DK x DV float32 state (128 x 128 at EK100) that
+spills registers. Both the update and the read-out q[m] S[:, block] are independent per DV block.
+The semantics are those of `clam_jax.clam.CrossLinearAttention` on one unmasked frame (T = 1) with
+memory_normalize=False:
     S = diag(exp g) S + phi(k)^T v,  g = log_sigmoid(gate) / gate_temperature,
     o[m] = DK^-1/2 phi(q[m]) S,
 with the projections laid out as `clam_jax.streaming._merged_memory` computes them. phi is applied
@@ -34,6 +37,13 @@ def _check_power_of_two(name, dim_name, size, shape):
   # Triton loads only power-of-two blocks; padding here would cost a copy per frame.
   if size < 1 or size & (size - 1):
     raise ValueError(f"{name}: {dim_name} = {size} must be a power of two, got shape {shape}")
+
+
+def _block_v(block_v, dv):
+  """block_v checked (a power of two, like every Triton block) and capped at DV."""
+  if block_v < 1 or block_v & (block_v - 1):
+    raise ValueError(f"block_v must be a power of two, got {block_v}")
+  return min(block_v, dv)
 
 
 def _check_feature_map(feature_map):
@@ -73,7 +83,8 @@ def _log_sigmoid(x):
 
 
 def _read_out(q_ref, s, o_ref, *, feature_map, use_dot, interpret):
-  """o_ref (M, DV) = DK^-1/2 phi(q) s for the queries q_ref (M, DK) and the float32 state s.
+  """o_ref (M, block_v) = DK^-1/2 phi(q) s for the queries q_ref (M, DK) and the float32 state
+  slice s (DK, block_v).
 
   With tl.dot the M queries are one tile contracted by three TF32 products (about float32
   accuracy; the CPU of interpret mode has only plain float32 products). Without it they are M
@@ -93,25 +104,29 @@ def _read_out(q_ref, s, o_ref, *, feature_map, use_dot, interpret):
       o_ref[i] = (scale * jnp.sum(q[:, None] * s, axis=0)).astype(o_ref.dtype)
 
 
-def _use_dot(m, dk):
-  return min(m, dk) >= _MIN_DOT_DIM
+def _use_dot(m, dk, block_v):
+  return min(m, dk, block_v) >= _MIN_DOT_DIM
 
 
 def _update_kernel(frames_ref, queries_ref, *refs, num_layers, num_heads, gate_temperature,
                    feature_map, read_out):
-  """Refs: frames (3 L D,), queries (M, DK), L states in (DK, DV); writes o (M, DV), L states."""
+  """Refs: frames (3 L D,), queries (M, DK), L state slices in (DK, block_v); writes o (M,
+  block_v), L state slices."""
   states_in, o_ref, states_out = refs[:num_layers], refs[num_layers], refs[num_layers + 1:]
   dk = queries_ref.shape[-1]
+  block_v = o_ref.shape[-1]
   head = pl.program_id(1)
+  v_offset = pl.program_id(2) * block_v
 
-  def load(layer, j):  # block j (key, value, gate) of this head of `layer`, float32 (DK,)
-    start = pl.multiple_of(((3 * layer + j) * num_heads + head) * dk, dk)
-    return frames_ref[pl.ds(start, dk)].astype(jnp.float32)
+  def load(layer, j, offset=0, size=dk):
+    """Columns [offset, offset + size) of block j (key, value, gate) of this head of `layer`."""
+    start = pl.multiple_of(((3 * layer + j) * num_heads + head) * dk + offset, size)
+    return frames_ref[pl.ds(start, size)].astype(jnp.float32)
 
   # Layer 0 last: its new state goes straight to the read-out, one state live at a time.
   for layer in reversed(range(num_layers)):
     k = _phi(feature_map, load(layer, 0))
-    v = load(layer, 1)
+    v = load(layer, 1, v_offset, block_v)  # this program's DV block of the value
     g = _log_sigmoid(load(layer, 2)) / gate_temperature
     s = jnp.exp(g)[:, None] * states_in[layer][...] + k[:, None] * v[None, :]
     states_out[layer][...] = s
@@ -119,7 +134,7 @@ def _update_kernel(frames_ref, queries_ref, *refs, num_layers, num_heads, gate_t
 
 
 def memory_update(frames, states, queries, *, num_heads, gate_temperature, feature_map="identity",
-                  num_warps=4, interpret=None):
+                  block_v=32, num_warps=4, interpret=None):
   """Every memory layer's state advanced by one frame, and layer 0's read-out of its new state.
 
   frames: (B, L * 3 * D) compute dtype, the merged frame projection: for layer l = 0..L-1 the key,
@@ -129,8 +144,9 @@ def memory_update(frames, states, queries, *, num_heads, gate_temperature, featu
   queries: (M, H, DK) compute dtype, layer 0's cross-attention query projections (the same for
     every batch element).
   num_heads: H; gate_temperature: tau > 0; feature_map: phi, "identity" or "elu1" (elu + 1);
-  num_warps: Triton warps per program; interpret: Pallas interpret mode (None: when the default
-  backend is not a GPU).
+  block_v: DV columns of the state per program (a power of two, capped at DV); num_warps: Triton
+  warps per program; interpret: Pallas interpret mode (None: when the default backend is not a
+  GPU).
 
   Per layer l, batch b and head h: S_l = diag(exp g) S_l + phi(k)^T v with
   g = log_sigmoid(gate) / tau; then o0[b, m, h] = DK^-1/2 phi(queries[m, h]) S_0[b, h].
@@ -158,45 +174,49 @@ def memory_update(frames, states, queries, *, num_heads, gate_temperature, featu
   _check_power_of_two("states", "DK", dk, _shape(states[0]))
   if not gate_temperature > 0:
     raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
+  block_v = _block_v(block_v, dk)
+  num_v_blocks = dk // block_v
   interpret = _interpret(interpret)
-  read_out = functools.partial(_read_out, feature_map=feature_map, use_dot=_use_dot(m, dk),
-                               interpret=interpret)
+  read_out = functools.partial(_read_out, feature_map=feature_map,
+                               use_dot=_use_dot(m, dk, block_v), interpret=interpret)
   kernel = functools.partial(_update_kernel, num_layers=num_layers, num_heads=num_heads,
                              gate_temperature=float(gate_temperature), feature_map=feature_map,
                              read_out=read_out)
   # The whole frame row per program: the kernel slices its head's (DK,) blocks out of the ref, so
   # the row's own length need not be a power of two.
-  frames_spec = pl.BlockSpec((None, width), lambda i, h: (i, 0))
-  queries_spec = pl.BlockSpec((m, None, dk), lambda i, h: (0, h, 0))
-  state_spec = pl.BlockSpec((None, None, dk, dk), lambda i, h: (i, h, 0, 0))
-  o_spec = pl.BlockSpec((None, m, None, dk), lambda i, h: (i, 0, h, 0))
+  frames_spec = pl.BlockSpec((None, width), lambda i, h, j: (i, 0))
+  queries_spec = pl.BlockSpec((m, None, dk), lambda i, h, j: (0, h, 0))
+  state_spec = pl.BlockSpec((None, None, dk, block_v), lambda i, h, j: (i, h, 0, j))
+  # Head h's DV block j: o's columns h DK + j block_v, counted in blocks of block_v.
+  o_spec = pl.BlockSpec((None, m, block_v), lambda i, h, j: (i, 0, h * num_v_blocks + j))
   o, *new_states = pl.pallas_call(
       kernel,
-      grid=(b, num_heads),
+      grid=(b, num_heads, num_v_blocks),
       in_specs=[frames_spec, queries_spec] + [state_spec] * num_layers,
       out_specs=[o_spec] + [state_spec] * num_layers,
-      out_shape=[jax.ShapeDtypeStruct((b, m, num_heads, dk), frames.dtype)]
+      out_shape=[jax.ShapeDtypeStruct((b, m, num_heads * dk), frames.dtype)]
       + [jax.ShapeDtypeStruct(state.shape, jnp.float32) for state in states],
       input_output_aliases={2 + i: 1 + i for i in range(num_layers)},
       compiler_params=_compiler_params(num_warps),
       interpret=interpret,
       name="memory_update",
   )(frames, queries, *states)
-  return o.reshape(b, m, num_heads * dk), tuple(new_states)
+  return o, tuple(new_states)
 
 
 def _readout_kernel(q_ref, s_ref, o_ref, *, read_out):
-  """Refs: q (M, DK), s (DK, DV); writes o (M, DV)."""
+  """Refs: q (M, DK), s (DK, block_v); writes o (M, block_v)."""
   read_out(q_ref, s_ref[...], o_ref)
 
 
-def memory_readout(q, state, *, feature_map="identity", num_warps=4, interpret=None):
+def memory_readout(q, state, *, feature_map="identity", block_v=32, num_warps=4, interpret=None):
   """The read-out of M tokens from one memory layer's state.
 
   q: (B, M, D) compute dtype, the tokens' query projections (H heads of DK, head-major);
   state: (B, H, DK, DV) float32 with DV = DK = D / H; feature_map: phi, "identity" or "elu1";
-  num_warps: Triton warps per program; interpret: Pallas interpret mode (None: when the default
-  backend is not a GPU).
+  block_v: DV columns of the state per program (a power of two, capped at DV); num_warps: Triton
+  warps per program; interpret: Pallas interpret mode (None: when the default backend is not a
+  GPU).
   Returns o (B, M, D) in q's dtype: o[b, m, h] = DK^-1/2 phi(q[b, m, h]) state[b, h]. M and DK
   must be powers of two.
   """
@@ -211,21 +231,25 @@ def memory_readout(q, state, *, feature_map="identity", num_warps=4, interpret=N
   _check_state("state", state, b, h, dk)
   _check_power_of_two("q", "M", m, _shape(q))
   _check_power_of_two("state", "DK", dk, _shape(state))
+  block_v = _block_v(block_v, dk)
+  num_v_blocks = dk // block_v
   interpret = _interpret(interpret)
-  read_out = functools.partial(_read_out, feature_map=feature_map, use_dot=_use_dot(m, dk),
-                               interpret=interpret)
-  q_spec = pl.BlockSpec((None, m, None, dk), lambda i, j: (i, 0, j, 0))
-  o = pl.pallas_call(
+  read_out = functools.partial(_read_out, feature_map=feature_map,
+                               use_dot=_use_dot(m, dk, block_v), interpret=interpret)
+  # Head h's queries (all DK) and its DV block j of o, in q's and o's (B, M, D) layout.
+  q_spec = pl.BlockSpec((None, m, dk), lambda i, hd, j: (i, 0, hd))
+  state_spec = pl.BlockSpec((None, None, dk, block_v), lambda i, hd, j: (i, hd, 0, j))
+  o_spec = pl.BlockSpec((None, m, block_v), lambda i, hd, j: (i, 0, hd * num_v_blocks + j))
+  return pl.pallas_call(
       functools.partial(_readout_kernel, read_out=read_out),
-      grid=(b, h),
-      in_specs=[q_spec, pl.BlockSpec((None, None, dk, dk), lambda i, j: (i, j, 0, 0))],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct((b, m, h, dk), q.dtype),
+      grid=(b, h, num_v_blocks),
+      in_specs=[q_spec, state_spec],
+      out_specs=o_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=_compiler_params(num_warps),
       interpret=interpret,
       name="memory_readout",
-  )(q.reshape(b, m, h, dk), state)
-  return o.reshape(q.shape)
+  )(q, state)
 
 
 def _feature_map_reference(feature_map, x):

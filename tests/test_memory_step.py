@@ -17,20 +17,22 @@ DK = D // H
 TAU = 16.0
 
 
-def _inputs(rng, b, m, num_layers, dtype=np.float32):
+def _inputs(rng, b, m, num_layers, dtype=np.float32, d=D, h=H):
   """Random frames (B, L 3 D) (gates of both signs), queries (M, H, DK), non-zero states."""
-  frames = (3 * rng.standard_normal((b, num_layers * 3 * D))).astype(dtype)
-  queries = rng.standard_normal((m, H, DK)).astype(dtype)
-  states = tuple(rng.standard_normal((b, H, DK, DK)).astype(np.float32)
+  dk = d // h
+  frames = (3 * rng.standard_normal((b, num_layers * 3 * d))).astype(dtype)
+  queries = rng.standard_normal((m, h, dk)).astype(dtype)
+  states = tuple(rng.standard_normal((b, h, dk, dk)).astype(np.float32)
                  for _ in range(num_layers))
   return frames, states, queries
 
 
-def _update(feature_map, kernel=True):
+def _update(feature_map, kernel=True, h=H, **options):
   fn = memory_update if kernel else memory_update_reference
-  options = dict(interpret=True) if kernel else {}
+  if kernel:
+    options["interpret"] = True
   return jax.jit(lambda frames, states, queries: fn(
-      frames, states, queries, num_heads=H, gate_temperature=TAU, feature_map=feature_map,
+      frames, states, queries, num_heads=h, gate_temperature=TAU, feature_map=feature_map,
       **options))
 
 
@@ -64,6 +66,31 @@ def test_memory_readout_matches_reference(b, m, dtype, feature_map):
   o_ref = memory_readout_reference(q, state, feature_map=feature_map)
   assert o.shape == (b, m, D) and o.dtype == dtype
   assert helpers.rel_err(o, o_ref) < (1e-5 if dtype == np.float32 else 1e-2)
+
+
+# (block_v, m, dtype, feature_map) at DK = DV = 64: 4, 2 and 1 DV blocks per head; tl.dot (M = 16)
+# and row-by-row (M = 4) read-outs.
+BLOCK_V_CASES = [(16, 16, np.float32, "elu1"), (32, 4, np.float32, "identity"),
+                 (32, 16, jnp.bfloat16, "identity"), (64, 16, np.float32, "identity")]
+
+
+@pytest.mark.parametrize("block_v,m,dtype,feature_map", BLOCK_V_CASES)
+def test_block_v_splits_dv(block_v, m, dtype, feature_map):
+  """Both kernels with the state split over DV blocks (the tests above have DV = 16 = one block)."""
+  b, d, h = 2, 128, 2
+  rng = np.random.default_rng()
+  args = _inputs(rng, b, m, 2, dtype, d=d, h=h)
+  o, states = _update(feature_map, h=h, block_v=block_v)(*args)
+  o_ref, states_ref = _update(feature_map, kernel=False, h=h)(*args)
+  tolerance = 1e-5 if dtype == np.float32 else 1e-2
+  for s, s_ref in zip(states, states_ref):
+    assert helpers.rel_err(s, s_ref) < 1e-5
+  assert o.shape == (b, m, d) and helpers.rel_err(o, o_ref) < tolerance
+  q = rng.standard_normal((b, m, d)).astype(dtype)
+  o = jax.jit(lambda q, s: memory_readout(q, s, feature_map=feature_map, block_v=block_v,
+                                          interpret=True))(q, args[1][0])
+  o_ref = memory_readout_reference(q, args[1][0], feature_map=feature_map)
+  assert o.shape == (b, m, d) and helpers.rel_err(o, o_ref) < tolerance
 
 
 @pytest.mark.parametrize("feature_map", clam.FEATURE_MAPS)
@@ -104,34 +131,38 @@ def test_references_match_cross_linear_attention(feature_map):
     ("update", dict(m=12), "queries: M = 12 must be a power of two"),
     ("update", dict(dv=DK + 1), r"states\[1\] must have shape \(B, H, DK, DV\) with DV = DK"),
     ("readout", dict(m=6), "q: M = 6 must be a power of two"),
-    ("readout", dict(dv=DK + 1), r"state must have shape \(B, H, DK, DV\) with DV = DK")])
+    ("readout", dict(dv=DK + 1), r"state must have shape \(B, H, DK, DV\) with DV = DK"),
+    ("update", dict(block_v=12), "block_v must be a power of two, got 12"),
+    ("readout", dict(block_v=0), "block_v must be a power of two, got 0")])
 def test_bad_shapes(fn, args, message):
   rng = np.random.default_rng()
-  m, dv = args.get("m", 4), args.get("dv", DK)
+  m, dv, block_v = args.get("m", 4), args.get("dv", DK), args.get("block_v", 16)
   frames, states, queries = _inputs(rng, 2, m, 2)
   bad_state = rng.standard_normal((2, H, DK, dv)).astype(np.float32)
   with pytest.raises(ValueError, match=message):
     if fn == "update":
       memory_update(frames, (states[0], bad_state), queries, num_heads=H, gate_temperature=TAU,
-                    interpret=True)
+                    block_v=block_v, interpret=True)
     else:
-      memory_readout(rng.standard_normal((2, m, D)).astype(np.float32), bad_state, interpret=True)
+      memory_readout(rng.standard_normal((2, m, D)).astype(np.float32), bad_state,
+                     block_v=block_v, interpret=True)
 
 
-@pytest.mark.parametrize("b,m,d,h,num_layers,dtype", [
-    (1, 16, 1024, 8, 2, jnp.bfloat16), (2, 4, 64, 4, 1, jnp.float32)])
-def test_triton_lowering_for_gpu(b, m, d, h, num_layers, dtype):
+@pytest.mark.parametrize("b,m,d,h,num_layers,dtype,block_v", [
+    (1, 16, 1024, 8, 2, jnp.bfloat16, 32), (2, 4, 64, 4, 1, jnp.float32, 16)])
+def test_triton_lowering_for_gpu(b, m, d, h, num_layers, dtype, block_v):
   """Lowers both kernels through the Pallas Triton backend for an abstract H100, the EK100 memory
-  (tl.dot read-outs) and a small one (row read-outs); not compiled: Triton's own compile errors
-  show only on a GPU."""
+  (4 DV blocks per head, tl.dot read-outs) and a small one (one DV block, row read-outs); not
+  compiled: Triton's own compile errors show only on a GPU."""
   dk = d // h
   frames = jax.ShapeDtypeStruct((b, num_layers * 3 * d), dtype)
   states = tuple(jax.ShapeDtypeStruct((b, h, dk, dk), jnp.float32) for _ in range(num_layers))
   queries = jax.ShapeDtypeStruct((m, h, dk), dtype)
   update = lambda frames, states, queries: memory_update(
       frames, states, queries, num_heads=h, gate_temperature=TAU, feature_map="elu1",
-      interpret=False)
-  readout = lambda q, state: memory_readout(q, state, feature_map="elu1", interpret=False)
+      block_v=block_v, interpret=False)
+  readout = lambda q, state: memory_readout(q, state, feature_map="elu1", block_v=block_v,
+                                            interpret=False)
   h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                      platform="gpu")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
