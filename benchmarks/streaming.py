@@ -4,11 +4,13 @@ Usage (GPU):  python benchmarks/streaming.py [--out benchmarks/results/streaming
               python benchmarks/streaming.py --latency-only     (the variants table only, ~1 min)
               JAX_PLATFORMS=cpu python benchmarks/streaming.py --quick     (CPU, tiny model)
 
-Variants table (every run, batch 1, from the state after 10 frames): the step with the params
+Variants table (every run, batch 1 and, for bf16 and fused, the largest batch; from the state
+after 10 frames): the step with the params
   raw       as the model holds them (stream_step(params, ...))
   f32       streaming.prepare_stream_params(params, config): params-only work done once, the
             projections that share an input merged into one product each
   bf16      the same with cast=True: Dense kernels and biases in the compute dtype, cast once
+  fused     clam_jax.fused_streaming: the same step in fused Pallas kernels (~40 launches)
 and for each: blocked (median ms of single calls, each blocked on), unblocked (mean ms per call of
 a Python loop of calls blocked once at the end: dispatch overlaps the device), scan (ms per frame
 of a lax.scan of 256 steps in one call) and kernels (`kernel_count` of the compiled step: the
@@ -82,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clam_jax import clam  # noqa: E402
 from clam_jax import model as model_lib  # noqa: E402
+from clam_jax import fused_streaming  # noqa: E402
 from clam_jax import streaming  # noqa: E402
 from configs import ek100  # noqa: E402
 
@@ -89,6 +92,7 @@ SEED_MS_PER_FRAME = 556 / 480
 TARGET_MS_PER_FRAME = 0.15
 SCAN_STEPS = 100
 VARIANT_SCAN_STEPS = 256
+VARIANTS = ("raw", "f32", "bf16", "fused")
 # HLO instructions that launch nothing: they name, pack or reinterpret buffers.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
               "partition-id", "replica-id"}
@@ -335,20 +339,21 @@ def kernel_count(hlo_text):
   return {"total": sum(by_op.values()), "by_op": dict(by_op), "params_only": params_only}
 
 
-def measure_variants(config, params, state, frame, reps):
-  """The variants table's rows (module doc) at the batch of state and frame."""
-  step = streaming.make_stream_step(config)
+def measure_variants(config, params, state, frame, reps, names=VARIANTS):
+  """The variants table's rows (module doc) at the batch of state and frame, for `names`."""
+  steps = {"stream": streaming.make_stream_step(config),
+           "fused": fused_streaming.make_fused_stream_step(config)}
   frames = jax.tree.map(lambda x: jnp.broadcast_to(x, (VARIANT_SCAN_STEPS,) + x.shape), frame)
-
-  def scan(params, state, frames):
-    return jax.lax.scan(lambda s, f: step(params, s, f), state, frames)
-
-  jit_step, jit_scan = jax.jit(step, donate_argnums=1), jax.jit(scan, donate_argnums=1)
-  variants = {"raw": params, "f32": streaming.prepare_stream_params(params, config),
-              "bf16": streaming.prepare_stream_params(params, config, cast=True)}
+  prepare = {"raw": lambda: params, "f32": lambda: streaming.prepare_stream_params(params, config),
+             "bf16": lambda: streaming.prepare_stream_params(params, config, cast=True),
+             "fused": lambda: fused_streaming.prepare_fused_params(params, config)}
   rows, reference = [], None
-  for name, prepared in variants.items():
-    prepared = jax.block_until_ready(prepared)
+  for name in names:
+    step = steps["fused" if name == "fused" else "stream"]
+    jit_step = jax.jit(step, donate_argnums=1)
+    jit_scan = jax.jit(lambda params, state, frames, step=step: jax.lax.scan(
+        lambda s, f: step(params, s, f), state, frames), donate_argnums=1)
+    prepared = jax.block_until_ready(prepare[name]())
     start = time.perf_counter()
     compiled = jit_step.lower(prepared, state, frame).compile()  # timed below: no second compile
     row = dict(variant=name, batch=frame[next(iter(frame))].shape[0],
@@ -416,6 +421,10 @@ def main():
                 random_frames(frame_key, config, (SCAN_STEPS, b))) for b in batches}
   state = advance(clam_fns, params, streaming.init_stream_state(config, 1), 10, *inputs[1])
   variants = measure_variants(config, params, state, inputs[1][0], reps)
+  big = max(batches)
+  variants += measure_variants(config, params, jax.tree.map(lambda x: jnp.repeat(x, big, axis=0),
+                                                            state),
+                               inputs[big][0], reps, names=("bf16", "fused"))
   log("variants: " + ", ".join(f"{r['variant']} {r['blocked_ms']:.3f} ms" for r in variants))
   state, seen, rows = streaming.init_stream_state(config, 1), 0, []
   for t in ts if not args.latency_only else ():
@@ -510,12 +519,13 @@ def print_table(results, out_path):
 
 def print_variants(results, out_path):
   print(f"\n== stream_step variants, {results['device']}, jax {results['jax']}, EK100 model"
-        f"{' (quick: tiny)' if results['quick'] else ''}, B = 1; ms; target <= "
-        f"{TARGET_MS_PER_FRAME} per frame; {out_path}")
-  print(f"{'variant':8s} {'blocked':>8s} {'unblocked':>10s} {'scan/frame':>11s} {'kernels':>8s} "
+        f"{' (quick: tiny)' if results['quick'] else ''}; ms; target <= "
+        f"{TARGET_MS_PER_FRAME} per frame at B = 1; max |diff|: against the first row of the "
+        f"same B; {out_path}")
+  print(f"{'variant':8s} {'B':>3s} {'blocked':>8s} {'unblocked':>10s} {'scan/frame':>11s} {'kernels':>8s} "
         f"{'params-only':>12s} {'params MiB':>11s} {'max |diff|':>11s}")
   for r in results["variants"]:
-    print(f"{r['variant']:8s} {r['blocked_ms']:8.3f} {r['unblocked_ms']:10.3f} "
+    print(f"{r['variant']:8s} {r['batch']:3d} {r['blocked_ms']:8.3f} {r['unblocked_ms']:10.3f} "
           f"{r['scan_ms_per_frame']:11.4f} {r['kernels']['total']:8d} "
           f"{r['kernels']['params_only']:12d} {r['params_bytes'] / 2**20:11.1f} "
           f"{r['max_abs_diff_vs_raw']:11.2e}")

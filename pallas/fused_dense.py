@@ -188,10 +188,12 @@ def _batch_index(array):
   return (lambda i: 0) if array.shape[0] == 1 else (lambda i: i)
 
 
-def _check_block(name, block, dim, array_name, shape):
-  if not _is_power_of_two(block) or dim % block:
-    raise ValueError(f"{name}={block} must be a power of two dividing {dim} ({array_name} "
-                     f"{shape})")
+def _fit(block, dim):
+  """The largest power of two <= block that divides dim (any width runs, in narrower blocks)."""
+  block = 1 << (min(block, dim).bit_length() - 1)
+  while dim % block:
+    block //= 2
+  return block
 
 
 def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=None,
@@ -207,8 +209,8 @@ def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=
   activation: None or "relu", after the bias.
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
   Returns (B, R, N): float32 with a residual (the residual stream), else kernel's dtype.
-  block_n / block_k: output columns per program and the product's K chunk (powers of two dividing
-  N and K; block_k is also the chunk of the norm statistics); interpret: Pallas interpret mode
+  block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
+  norm statistics), powers of two, halved until they divide N and K; interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
@@ -220,9 +222,7 @@ def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=
   n = kernel.shape[1]
   if not _is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n, block_k = min(block_n, n), min(block_k, k)
-  _check_block("block_n", block_n, n, "kernel", kernel.shape)
-  _check_block("block_k", block_k, k, "kernel", kernel.shape)
+  block_n, block_k = _fit(block_n, n), _fit(block_k, k)
   if activation not in (None, "relu"):
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
   operands = _Operands()
@@ -312,8 +312,7 @@ def attention_dense(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 
   for name, size in (("Q", num_queries), ("K", num_keys), ("dh", d // num_heads)):
     if not _is_power_of_two(size):
       raise ValueError(f"attention_dense needs powers of two: {name} = {size}")
-  block_n = min(block_n, n)
-  _check_block("block_n", block_n, n, "kernel", kernel.shape)
+  block_n = _fit(block_n, n)
   operands = _Operands()
   for name, array in zip("qkv", (q, k, v)):
     index = _batch_index(array)

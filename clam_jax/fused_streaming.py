@@ -1,0 +1,259 @@
+"""The streaming step in fused Pallas kernels: the same step as clam_jax.streaming, ~40 launches.
+
+    fused = prepare_fused_params(params, config.model)        # once
+    state, out = fused_stream_step(fused, state, features_t)  # jax.jit it; state and out as
+                                                              # streaming.stream_step's
+
+At batch 1 the step is a chain of products of a few rows whose kernel launches, not their bytes,
+set the latency (138 XLA kernels, ~2.5 us each, on an H200). Here each product carries its
+normalisation, bias, activation and residual (pallas.fused_dense), attention runs inside its
+output projection (attention_dense), a Mamba block is two kernels plus its out-projection
+(pallas.mamba_step) and the memory's state update is one kernel for every layer
+(pallas.memory_step). Residual streams are kept before their LayerNorm: the next kernel
+normalises its own input rows (post-norm predictor layers included), so no kernel waits for a
+separate normalisation.
+
+Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
+F = 1 future query (the EK100, Ego4D and THUMOS configs); `check_fused_config` names what is not.
+Weights are in config.dtype; outputs equal stream_step's up to the compute dtype's rounding
+(float32: ~1e-6).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from clam_jax import streaming
+from clam_jax.processor import _NORM_EPS
+from pallas.fused_dense import Norm, attention_dense, fused_dense
+from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj
+from pallas.memory_step import memory_readout, memory_update
+
+_LAYER_NORM_EPS = 1e-6  # Flax's LayerNorm default, which every LayerNorm of the model keeps
+_CLASSIFIER_BLOCK = 64  # the classifier's columns are padded to a multiple of fused_dense's block
+
+
+def check_fused_config(model_config):
+  """Raises ValueError naming the config.model field that the fused step does not support."""
+  config = model_config
+  if config.processor != "mamba":
+    raise ValueError(f"the fused step needs config.model.processor='mamba', found "
+                     f"{config.processor!r} (use streaming.make_stream_step)")
+  if config.memory and config.memory_normalize:
+    raise ValueError("the fused step needs config.model.memory_normalize=False")
+  if config.future_queries != 1:
+    raise ValueError(f"the fused step needs config.model.future_queries=1, found "
+                     f"{config.future_queries}")
+  if config.act_token_selection != "fifo":
+    raise ValueError("config.model.act_token_selection must be 'fifo' to stream")
+  for field in ("num_act_tokens", "memory_tokens"):
+    if not (config[field] & (config[field] - 1) == 0):
+      raise ValueError(f"the fused step needs config.model.{field} to be a power of two, found "
+                       f"{config[field]}")
+
+
+def _norm(weights, eps=_LAYER_NORM_EPS, kind="layer"):
+  """A Flax LayerNorm / RMSNorm's params as a fused_dense Norm."""
+  return Norm(kind, weights.get("scale"), weights.get("bias"), eps)
+
+
+def prepare_fused_params(params, model_config):
+  """The fused step's weights, from the model's variables["params"].
+
+  streaming.prepare_stream_params(params, config, cast=True) (merged products, params-only
+  constants, Dense weights in config.dtype) plus: the Mamba blocks' x_proj / dt_proj packed for
+  the kernels (pack_x_proj) and A = -exp(A_log), DenseGeneral kernels flattened to (D_in, D_out),
+  the predictor's query positions folded into its cross-attention query biases, and the classifier
+  columns zero-padded to a multiple of 64. Returns a pytree of arrays.
+  """
+  check_fused_config(model_config)
+  config = model_config
+  dtype = jnp.dtype(config.dtype)
+  prepared = streaming.prepare_stream_params(params, config, cast=True)
+  p, constants = prepared["params"], prepared["constants"]
+  merged = constants["merged"]
+  flat = streaming._flat
+  layers = []
+  for i in range(config.processor_layers):
+    block = p["processor"][f"layer_{i}"]
+    x_packed, dt_packed = pack_x_proj(block["x_proj"]["kernel"], block["dt_proj"]["kernel"],
+                                      dt_rank=block["dt_proj"]["kernel"].shape[0],
+                                      d_state=config.ssm.d_state)
+    layers.append({
+        "norm_scale": p["processor"][f"norm_{i}"]["scale"], "in_kernel": block["in_proj"]["kernel"],
+        "conv_kernel": block["conv_kernel"], "conv_bias": block["conv_bias"],
+        "x_packed": x_packed, "dt_packed": dt_packed, "dt_bias": block["dt_bias"],
+        "A": -jnp.exp(block["A_log"]), "D": block["D"], "out_kernel": block["out_proj"]["kernel"]})
+  fused = {"projections": {name: p[f"projections_{name}"] for name in config.modalities},
+           "processor": {"layers": layers, "final_norm": p["processor"]["final_norm"]}}
+  if config.memory:
+    memory = p["memory"]
+    fused["memory"] = {
+        "frames": merged["memory_frames"], "queries": constants["memory_queries"],
+        "tokens": constants["memory_tokens"][None], "final_norm": memory["final_norm"],
+        "layers": [{
+            "self_attention_norm": memory[f"layer_{i}"].get("self_attention_norm"),
+            "self_attention": merged.get("memory_layers", {}).get(f"layer_{i}"),
+            "cross_attention_norm": memory[f"layer_{i}"].get("cross_attention_norm"),
+            "query": (flat(memory[f"layer_{i}"]["cross_attention"]["query"]) if i else None),
+            "out": flat(memory[f"layer_{i}"]["cross_attention"]["out"]),
+            "ffn_norm": memory[f"layer_{i}"]["ffn_norm"], "ffn": memory[f"layer_{i}"]["ffn"]}
+            for i in range(config.memory_layers)]}
+  predictor = p["predictor"]
+  pos = params["predictor"]["future_queries"]
+  predictor_layers = []
+  for i in range(config.predictor_layers):
+    weights = dict(merged["predictor_layers"][f"layer_{i}"])
+    if i:  # (x + pos) W + b = x W + (pos W + b), one bias row per future query
+      query = weights["cross_query"]
+      weights["cross_query"] = {"kernel": query["kernel"], "bias": (
+          jnp.matmul(pos, query["kernel"].astype(jnp.float32), precision="highest")
+          + query["bias"].astype(jnp.float32)).astype(dtype)}
+    layer = predictor[f"layer_{i}"]
+    predictor_layers.append({**weights, **{name: layer[name] for name in (
+        "self_attention_norm", "cross_attention_norm", "ffn_norm", "ffn") if name in layer}})
+  fused["predictor"] = {
+      "context": merged["predictor_context"], "layers": predictor_layers,
+      "targets": constants["future_targets"][None],
+      "queries": constants["predictor_queries"].reshape(1, config.future_queries, -1)}
+  classifiers = merged["classifiers"]
+  pad = -classifiers["kernel"].shape[1] % _CLASSIFIER_BLOCK
+  fused["classifiers"] = {"kernel": jnp.pad(classifiers["kernel"], ((0, 0), (0, pad))),
+                          "bias": jnp.pad(classifiers["bias"], (0, pad))}
+  return fused
+
+
+def _processor(config, fused, carry, x):
+  """x: (B, 1, D) -> (carry, pre-norm residual stream (B, 1, D) float32)."""
+  h, new_carry = x.astype(jnp.float32), []
+  for layer, layer_carry in zip(fused["layers"], carry):
+    u, z, conv, partial = mamba_in_conv(
+        h[:, 0], layer["norm_scale"], layer["in_kernel"], layer_carry["conv"],
+        layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=_NORM_EPS)
+    y, ssm = mamba_scan_gate(partial, layer["dt_packed"], layer["dt_bias"], layer["A"],
+                             layer["D"], layer_carry["ssm"], u, z, d_state=config.ssm.d_state)
+    h = fused_dense(y[:, None], layer["out_kernel"], residual=h)
+    new_carry.append({"conv": conv, "ssm": ssm})
+  return tuple(new_carry), h
+
+
+def _ffn(weights, x, norm):
+  """The FFN block on the pre-norm stream x (B, R, D): norm(x) + FFN(norm(x)), pre-norm out."""
+  hidden = fused_dense(x, weights["ffn"]["hidden"]["kernel"], weights["ffn"]["hidden"]["bias"],
+                       norm=norm, activation="relu")
+  return fused_dense(hidden, weights["ffn"]["out"]["kernel"], weights["ffn"]["out"]["bias"],
+                     residual=x, residual_norm=norm)
+
+
+def _memory(config, fused, states, x):
+  """x: (B, 1, D) -> (memory tokens before their final LayerNorm (B, M, D) float32, states)."""
+  heads, feature_map = config.memory_heads, config.memory_feature_map
+  frames = fused_dense(x, fused["frames"]["kernel"], fused["frames"]["bias"],
+                       norm=Norm("layer", eps=_LAYER_NORM_EPS))
+  read, states = memory_update(frames[:, 0], states, fused["queries"], num_heads=heads,
+                               gate_temperature=config.gate_temperature, feature_map=feature_map)
+  tokens = fused["tokens"]
+  for i, layer in enumerate(fused["layers"]):
+    if i:
+      norm = _norm(layer["self_attention_norm"])
+      qkv = fused_dense(tokens, layer["self_attention"]["qkv"]["kernel"],
+                        layer["self_attention"]["qkv"]["bias"], norm=norm)
+      tokens = attention_dense(qkv, qkv, qkv, layer["self_attention"]["out"]["kernel"],
+                               layer["self_attention"]["out"]["bias"], num_heads=heads,
+                               column_blocks=(0, 1, 2), residual=tokens)
+      query = fused_dense(tokens, layer["query"]["kernel"], layer["query"]["bias"],
+                          norm=_norm(layer["cross_attention_norm"]))
+      read = memory_readout(query, states[i], feature_map=feature_map)
+    tokens = fused_dense(read, layer["out"]["kernel"], layer["out"]["bias"], residual=tokens)
+    # Pre-norm layers: the FFN's residual is the stream itself, not its normalisation.
+    hidden = fused_dense(tokens, layer["ffn"]["hidden"]["kernel"],
+                         layer["ffn"]["hidden"]["bias"], norm=_norm(layer["ffn_norm"]),
+                         activation="relu")
+    tokens = fused_dense(hidden, layer["ffn"]["out"]["kernel"], layer["ffn"]["out"]["bias"],
+                         residual=tokens)
+  return tokens, states
+
+
+def _predictor(config, fused, context, mask):
+  """context: (B, N + M, D) act-tokens then memory tokens (before the memory's final LayerNorm:
+  fused["context_norm"]); mask (B, N + M) bool -> (future tokens before the last LayerNorm
+  (B, F, D) float32, that LayerNorm)."""
+  heads = config.predictor_heads
+  keys_values = fused_dense(context, fused["context"]["kernel"], fused["context"]["bias"],
+                            norm=fused.get("context_norm"), norm_from_row=config.num_act_tokens)
+  x, norm = fused["targets"], None
+  for i, layer in enumerate(fused["layers"]):
+    if i:
+      x = fused_dense(x, layer["self_value_out"]["kernel"], layer["self_value_out"]["bias"],
+                      norm=norm, residual=x, residual_norm=norm)
+      norm = _norm(layer["self_attention_norm"])
+      query = fused_dense(x, layer["cross_query"]["kernel"], layer["cross_query"]["bias"],
+                          norm=norm)
+    else:
+      query = fused["queries"]
+    x = attention_dense(query, keys_values, keys_values, layer["cross_out"]["kernel"],
+                        layer["cross_out"]["bias"], num_heads=heads,
+                        column_blocks=(0, 2 * i, 2 * i + 1), mask=mask, residual=x,
+                        residual_norm=norm)
+    norm = _norm(layer["cross_attention_norm"])
+    x = _ffn(layer, x, norm)
+    norm = _norm(layer["ffn_norm"])
+  return x, norm
+
+
+def fused_stream_step(model_config, fused, state, features_t):
+  """streaming.stream_step's step through the fused kernels.
+
+  fused: prepare_fused_params' output; state: streaming.init_stream_state's pytree;
+  features_t: {modality: (B, F_m)}. Returns (state, {"future": {head: (B, F, C)}, "past": {head:
+  (B, C)}}) float32 logits, as stream_step.
+  """
+  config = model_config
+  dtype = jnp.dtype(config.dtype)
+  x = None
+  for name in sorted(config.modalities):
+    projection = fused["projections"][name]
+    x = fused_dense(features_t[name][:, None], projection["kernel"],
+                    projection["bias"], residual=x)
+  x = x.astype(dtype)
+  processor_state, h = _processor(config, fused["processor"], state["processor"], x)
+  scale = fused["processor"]["final_norm"]["scale"].astype(jnp.float32)
+  act = (h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + _NORM_EPS)
+         * scale).astype(dtype)                                          # (B, 1, D)
+  tokens = jnp.concatenate([state["act_tokens"][:, 1:], act], axis=1)
+  b = act.shape[0]
+  mask = jnp.concatenate([state["act_mask"][:, 1:], jnp.ones((b, 1), bool)], axis=1)
+  context, context_mask, predictor = tokens, mask, dict(fused["predictor"])
+  memory_state = state["memory"]
+  if config.memory:
+    memory_tokens, memory_state = _memory(config, fused["memory"], memory_state, x)
+    context = jnp.concatenate([tokens.astype(jnp.float32), memory_tokens], axis=1)
+    context_mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
+    predictor["context_norm"] = _norm(fused["memory"]["final_norm"])
+  future, future_norm = _predictor(config, predictor, context, context_mask)
+  # One classifier product for the act-token (row 0, as it is) and the future tokens (their last
+  # LayerNorm applied in the kernel); rows padded to a power of two.
+  rows = jnp.concatenate([act.astype(jnp.float32), future], axis=1)
+  padded_rows = 1 << (rows.shape[1] - 1).bit_length()
+  rows = jnp.pad(rows, ((0, 0), (0, padded_rows - rows.shape[1]), (0, 0)))
+  logits = fused_dense(rows, fused["classifiers"]["kernel"], fused["classifiers"]["bias"],
+                       norm=future_norm, norm_from_row=1).astype(jnp.float32)
+  bounds = np.cumsum(list(config.heads.values()))
+  heads = dict(zip(config.heads, np.split(np.arange(bounds[-1]), bounds[:-1])))
+  num_future = future.shape[1]
+  out = {"future": {}, "past": {}}
+  for head, columns in heads.items():
+    y = logits[..., columns[0]:columns[-1] + 1]
+    out["future"][head], out["past"][head] = y[:, 1:1 + num_future], y[:, 0]
+  new_state = {"processor": processor_state, "memory": memory_state, "act_tokens": tokens,
+               "act_mask": mask, "step": state["step"] + 1}
+  return new_state, out
+
+
+def make_fused_stream_step(model_config):
+  """Returns fused_stream_step bound to model_config: (fused, state, features_t) -> (state, out).
+  Raises ValueError for a config the fused kernels do not support (check_fused_config)."""
+  check_fused_config(model_config)
+  return lambda fused, state, features_t: fused_stream_step(model_config, fused, state,
+                                                            features_t)
