@@ -88,28 +88,21 @@ def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref,
   (d_conv - 1, bc); conv_kernel (d_conv, bc); conv_bias (bc,); x_packed (bc, P). Writes u, z (bc,),
   the new conv state (d_conv - 1, bc) and the x_proj partial (P,)."""
   d_model = h_ref.shape[0]
-  num_chunks = d_model // chunk
   cdt = wx_ref.dtype
-  rows = lambda i: pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-
+  # The loops over D are unrolled: their loads do not depend on each other, so all of them can be
+  # in flight at once, where a fori_loop would wait out the memory latency once per iteration.
   # The RMS statistic needs the whole row before any normalised value exists: a first pass.
-  def square_sum(i, acc):
-    x = h_ref[rows(i)]
-    return acc + jnp.sum(x * x)
-
-  ms = lax.fori_loop(0, num_chunks, square_sum, jnp.float32(0.0)) / d_model
+  rms_chunk = _chunk(d_model, 1)
+  ms = sum(jnp.sum(jnp.square(h_ref[pl.ds(i, rms_chunk)]))
+           for i in range(0, d_model, rms_chunk)) / d_model
   # Applied as flax's RMSNorm does: x * (rsqrt(ms + eps) * scale), then rounded.
   inv_rms = lax.rsqrt(ms + eps)
-
-  def matvec(i, acc):
-    acc_x, acc_z = acc
-    n = (h_ref[rows(i)] * (inv_rms * scale_ref[rows(i)])).astype(cdt).astype(jnp.float32)
-    acc_x = acc_x + jnp.sum(n[:, None] * wx_ref[rows(i), :].astype(jnp.float32), axis=0)
-    acc_z = acc_z + jnp.sum(n[:, None] * wz_ref[rows(i), :].astype(jnp.float32), axis=0)
-    return acc_x, acc_z
-
-  zeros = jnp.zeros(wx_ref.shape[1:], jnp.float32)
-  xs, z = lax.fori_loop(0, num_chunks, matvec, (zeros, zeros))
+  xs = z = jnp.zeros(wx_ref.shape[1:], jnp.float32)
+  for i in range(0, d_model, chunk):
+    rows = pl.ds(i, chunk)
+    n = (h_ref[rows] * (inv_rms * scale_ref[rows])).astype(cdt).astype(jnp.float32)
+    xs = xs + jnp.sum(n[:, None] * wx_ref[rows, :].astype(jnp.float32), axis=0)
+    z = z + jnp.sum(n[:, None] * wz_ref[rows, :].astype(jnp.float32), axis=0)
   z_ref[...] = z.astype(cdt)
   xs = xs.astype(cdt).astype(jnp.float32)  # in_proj's output is in the compute dtype
 
@@ -193,7 +186,7 @@ def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, 
 
 
 def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_ref, u_ref, z_ref,
-                      y_ref, ssm_out_ref, *, d_state, block_n):
+                      y_ref, ssm_out_ref, *, d_state):
   """Refs: partial (num_blocks, P); dt_packed (R, bc); dt_bias, d, u, z (bc,); a (bc, N); ssm
   (bc, N). Writes y (bc,) and the new ssm state (bc, N)."""
   cdt = dt_packed_ref.dtype
@@ -201,12 +194,11 @@ def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm
   num_blocks = partial_ref.shape[0]
 
   def x_proj_part(start, size):
-    """Columns [start, start + size) of x_proj's output: the partials summed, rounded to cdt."""
-    def add(i, acc):
-      blocks = pl.ds(pl.multiple_of(i * block_n, block_n), block_n)
-      return acc + jnp.sum(partial_ref[blocks, pl.ds(start, size)], axis=0)
-
-    acc = lax.fori_loop(0, num_blocks // block_n, add, jnp.zeros((size,), jnp.float32))
+    """Columns [start, start + size) of x_proj's output: the partials summed, rounded to cdt.
+    Unrolled over blocks of partials, so that every load is in flight at once."""
+    block_n = _chunk(num_blocks, size)
+    acc = sum(jnp.sum(partial_ref[pl.ds(i, block_n), pl.ds(start, size)], axis=0)
+              for i in range(0, num_blocks, block_n))
     return acc.astype(cdt).astype(jnp.float32)
 
   dt = x_proj_part(0, r)
@@ -258,8 +250,7 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
   a_spec = pl.BlockSpec((block_c, d_state), lambda i, j: (j, 0))
   state = pl.BlockSpec((None, block_c, d_state), lambda i, j: (i, j, 0))
   channels_of_row = pl.BlockSpec((None, block_c), lambda i, j: (i, j))
-  kernel = functools.partial(_scan_gate_kernel, d_state=d_state,
-                             block_n=_chunk(num_blocks, p))
+  kernel = functools.partial(_scan_gate_kernel, d_state=d_state)
   return pl.pallas_call(
       kernel,
       grid=(b, d_inner // block_c),
