@@ -392,7 +392,13 @@ def main():
                       " the plot goes next to it (.png)")
   parser.add_argument("--latency-only", action="store_true",
                       help="only the variants table (batch 1): no t sweep, parts or softmax memory")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma-separated variants of the table (default all: {VARIANTS}); "
+                      "bf16 and fused also run at the largest batch")
   args = parser.parse_args()
+  names = tuple(args.variants.split(","))
+  if not set(names) <= set(VARIANTS):
+    parser.error(f"--variants: expected names from {VARIANTS}, got {args.variants!r}")
   out_path = Path(args.out or Path(__file__).parent / "results" /
                   f"streaming{'_quick' if args.quick else ''}.json")
   out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -420,11 +426,11 @@ def main():
   inputs = {b: (random_frames(frame_key, config, (b,)),
                 random_frames(frame_key, config, (SCAN_STEPS, b))) for b in batches}
   state = advance(clam_fns, params, streaming.init_stream_state(config, 1), 10, *inputs[1])
-  variants = measure_variants(config, params, state, inputs[1][0], reps)
+  variants = measure_variants(config, params, state, inputs[1][0], reps, names)
   big = max(batches)
   variants += measure_variants(config, params, jax.tree.map(lambda x: jnp.repeat(x, big, axis=0),
                                                             state),
-                               inputs[big][0], reps, names=("bf16", "fused"))
+                               inputs[big][0], reps, [n for n in names if n in ("bf16", "fused")])
   log("variants: " + ", ".join(f"{r['variant']} {r['blocked_ms']:.3f} ms" for r in variants))
   state, seen, rows = streaming.init_stream_state(config, 1), 0, []
   for t in ts if not args.latency_only else ():

@@ -81,10 +81,10 @@ def prepare_fused_params(params, model_config):
                                       dt_rank=block["dt_proj"]["kernel"].shape[0],
                                       d_state=config.ssm.d_state)
     layers.append({
-        "norm_scale": p["processor"][f"norm_{i}"]["scale"], "in_kernel": block["in_proj"]["kernel"],
+        "norm_scale": p["processor"][f"norm_{i}"]["scale"], "in_weight": block["in_proj"]["kernel"].T,
         "conv_kernel": block["conv_kernel"], "conv_bias": block["conv_bias"],
         "x_packed": x_packed, "dt_packed": dt_packed, "dt_bias": block["dt_bias"],
-        "A": -jnp.exp(block["A_log"]), "D": block["D"], "out_kernel": block["out_proj"]["kernel"]})
+        "A": -jnp.exp(block["A_log"]), "D": block["D"], "out_weight": block["out_proj"]["kernel"].T})
   fused = {"projections": {name: p[f"projections_{name}"] for name in config.modalities},
            "processor": {"layers": layers, "final_norm": p["processor"]["final_norm"]}}
   if config.memory:
@@ -121,7 +121,17 @@ def prepare_fused_params(params, model_config):
   pad = -classifiers["kernel"].shape[1] % _CLASSIFIER_BLOCK
   fused["classifiers"] = {"kernel": jnp.pad(classifiers["kernel"], ((0, 0), (0, pad))),
                           "bias": jnp.pad(classifiers["bias"], (0, pad))}
-  return fused
+  return _transposed(fused)
+
+
+def _transposed(tree):
+  """Every {"kernel": (K, N), "bias"} in tree as {"weight": (N, K), "bias"} (fused_dense's layout)."""
+  if isinstance(tree, dict):
+    return {("weight" if key == "kernel" else key):
+            (value.T if key == "kernel" else _transposed(value)) for key, value in tree.items()}
+  if isinstance(tree, list):
+    return [_transposed(value) for value in tree]
+  return tree
 
 
 def _processor(config, fused, carry, x):
@@ -129,27 +139,27 @@ def _processor(config, fused, carry, x):
   h, new_carry = x.astype(jnp.float32), []
   for layer, layer_carry in zip(fused["layers"], carry):
     u, z, conv, partial = mamba_in_conv(
-        h[:, 0], layer["norm_scale"], layer["in_kernel"], layer_carry["conv"],
+        h[:, 0], layer["norm_scale"], layer["in_weight"], layer_carry["conv"],
         layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=_NORM_EPS)
     y, ssm = mamba_scan_gate(partial, layer["dt_packed"], layer["dt_bias"], layer["A"],
                              layer["D"], layer_carry["ssm"], u, z, d_state=config.ssm.d_state)
-    h = fused_dense(y[:, None], layer["out_kernel"], residual=h)
+    h = fused_dense(y[:, None], layer["out_weight"], residual=h)
     new_carry.append({"conv": conv, "ssm": ssm})
   return tuple(new_carry), h
 
 
 def _ffn(weights, x, norm):
   """The FFN block on the pre-norm stream x (B, R, D): norm(x) + FFN(norm(x)), pre-norm out."""
-  hidden = fused_dense(x, weights["ffn"]["hidden"]["kernel"], weights["ffn"]["hidden"]["bias"],
+  hidden = fused_dense(x, weights["ffn"]["hidden"]["weight"], weights["ffn"]["hidden"]["bias"],
                        norm=norm, activation="relu")
-  return fused_dense(hidden, weights["ffn"]["out"]["kernel"], weights["ffn"]["out"]["bias"],
+  return fused_dense(hidden, weights["ffn"]["out"]["weight"], weights["ffn"]["out"]["bias"],
                      residual=x, residual_norm=norm)
 
 
 def _memory(config, fused, states, x):
   """x: (B, 1, D) -> (memory tokens before their final LayerNorm (B, M, D) float32, states)."""
   heads, feature_map = config.memory_heads, config.memory_feature_map
-  frames = fused_dense(x, fused["frames"]["kernel"], fused["frames"]["bias"],
+  frames = fused_dense(x, fused["frames"]["weight"], fused["frames"]["bias"],
                        norm=Norm("layer", eps=_LAYER_NORM_EPS))
   read, states = memory_update(frames[:, 0], states, fused["queries"], num_heads=heads,
                                gate_temperature=config.gate_temperature, feature_map=feature_map)
@@ -157,20 +167,20 @@ def _memory(config, fused, states, x):
   for i, layer in enumerate(fused["layers"]):
     if i:
       norm = _norm(layer["self_attention_norm"])
-      qkv = fused_dense(tokens, layer["self_attention"]["qkv"]["kernel"],
+      qkv = fused_dense(tokens, layer["self_attention"]["qkv"]["weight"],
                         layer["self_attention"]["qkv"]["bias"], norm=norm)
-      tokens = attention_dense(qkv, qkv, qkv, layer["self_attention"]["out"]["kernel"],
+      tokens = attention_dense(qkv, qkv, qkv, layer["self_attention"]["out"]["weight"],
                                layer["self_attention"]["out"]["bias"], num_heads=heads,
                                column_blocks=(0, 1, 2), residual=tokens)
-      query = fused_dense(tokens, layer["query"]["kernel"], layer["query"]["bias"],
+      query = fused_dense(tokens, layer["query"]["weight"], layer["query"]["bias"],
                           norm=_norm(layer["cross_attention_norm"]))
       read = memory_readout(query, states[i], feature_map=feature_map)
-    tokens = fused_dense(read, layer["out"]["kernel"], layer["out"]["bias"], residual=tokens)
+    tokens = fused_dense(read, layer["out"]["weight"], layer["out"]["bias"], residual=tokens)
     # Pre-norm layers: the FFN's residual is the stream itself, not its normalisation.
-    hidden = fused_dense(tokens, layer["ffn"]["hidden"]["kernel"],
+    hidden = fused_dense(tokens, layer["ffn"]["hidden"]["weight"],
                          layer["ffn"]["hidden"]["bias"], norm=_norm(layer["ffn_norm"]),
                          activation="relu")
-    tokens = fused_dense(hidden, layer["ffn"]["out"]["kernel"], layer["ffn"]["out"]["bias"],
+    tokens = fused_dense(hidden, layer["ffn"]["out"]["weight"], layer["ffn"]["out"]["bias"],
                          residual=tokens)
   return tokens, states
 
@@ -180,19 +190,19 @@ def _predictor(config, fused, context, mask):
   fused["context_norm"]); mask (B, N + M) bool -> (future tokens before the last LayerNorm
   (B, F, D) float32, that LayerNorm)."""
   heads = config.predictor_heads
-  keys_values = fused_dense(context, fused["context"]["kernel"], fused["context"]["bias"],
+  keys_values = fused_dense(context, fused["context"]["weight"], fused["context"]["bias"],
                             norm=fused.get("context_norm"), norm_from_row=config.num_act_tokens)
   x, norm = fused["targets"], None
   for i, layer in enumerate(fused["layers"]):
     if i:
-      x = fused_dense(x, layer["self_value_out"]["kernel"], layer["self_value_out"]["bias"],
+      x = fused_dense(x, layer["self_value_out"]["weight"], layer["self_value_out"]["bias"],
                       norm=norm, residual=x, residual_norm=norm)
       norm = _norm(layer["self_attention_norm"])
-      query = fused_dense(x, layer["cross_query"]["kernel"], layer["cross_query"]["bias"],
+      query = fused_dense(x, layer["cross_query"]["weight"], layer["cross_query"]["bias"],
                           norm=norm)
     else:
       query = fused["queries"]
-    x = attention_dense(query, keys_values, keys_values, layer["cross_out"]["kernel"],
+    x = attention_dense(query, keys_values, keys_values, layer["cross_out"]["weight"],
                         layer["cross_out"]["bias"], num_heads=heads,
                         column_blocks=(0, 2 * i, 2 * i + 1), mask=mask, residual=x,
                         residual_norm=norm)
@@ -214,7 +224,7 @@ def fused_stream_step(model_config, fused, state, features_t):
   x = None
   for name in sorted(config.modalities):
     projection = fused["projections"][name]
-    x = fused_dense(features_t[name][:, None], projection["kernel"],
+    x = fused_dense(features_t[name][:, None], projection["weight"],
                     projection["bias"], residual=x)
   x = x.astype(dtype)
   processor_state, h = _processor(config, fused["processor"], state["processor"], x)
@@ -237,7 +247,7 @@ def fused_stream_step(model_config, fused, state, features_t):
   rows = jnp.concatenate([act.astype(jnp.float32), future], axis=1)
   padded_rows = 1 << (rows.shape[1] - 1).bit_length()
   rows = jnp.pad(rows, ((0, 0), (0, padded_rows - rows.shape[1]), (0, 0)))
-  logits = fused_dense(rows, fused["classifiers"]["kernel"], fused["classifiers"]["bias"],
+  logits = fused_dense(rows, fused["classifiers"]["weight"], fused["classifiers"]["bias"],
                        norm=future_norm, norm_from_row=1).astype(jnp.float32)
   bounds = np.cumsum(list(config.heads.values()))
   heads = dict(zip(config.heads, np.split(np.arange(bounds[-1]), bounds[:-1])))

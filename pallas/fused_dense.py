@@ -25,6 +25,8 @@ from jax.experimental.pallas import triton as plgpu
 
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
+# Elements of an elementwise accumulator tile per program: 64 float32 registers a thread at 4 warps.
+_MAX_TILE = 8192
 
 
 class Norm(NamedTuple):
@@ -43,17 +45,13 @@ def _is_power_of_two(n):
 
 def _row_stats(ref, kind, eps, block_k):
   """ref: (R, K) -> (shift (R, 1), inverse scale (R, 1)) float32 of `Norm` kind over K."""
-  num_chunks = ref.shape[-1] // block_k
-
-  def body(i, sums):
-    x = ref[:, pl.ds(pl.multiple_of(i * block_k, block_k), block_k)].astype(jnp.float32)
-    return (sums[0] + jnp.sum(x, axis=1)[:, None], sums[1] + jnp.sum(x * x, axis=1)[:, None])
-
-  zeros = jnp.zeros((ref.shape[0], 1), jnp.float32)
-  total, squares = lax.fori_loop(0, num_chunks, body, (zeros, zeros))
+  total = squares = jnp.zeros((ref.shape[0], 1), jnp.float32)
+  for start in range(0, ref.shape[-1], block_k):  # unrolled: every chunk's load in flight at once
+    x = ref[:, pl.ds(start, block_k)].astype(jnp.float32)
+    total, squares = total + jnp.sum(x, axis=1)[:, None], squares + jnp.sum(x * x, axis=1)[:, None]
   mean_square = squares / ref.shape[-1]
   if kind == "rms":
-    return zeros, lax.rsqrt(mean_square + eps)
+    return jnp.zeros_like(total), lax.rsqrt(mean_square + eps)
   mean = total / ref.shape[-1]
   return mean, lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0.0) + eps)
 
@@ -72,15 +70,18 @@ def _normalize(x, stats, scale_ref, bias_ref, start, size):
 def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation, block_k,
             use_dot, precision):
   refs = dict(zip(layout, refs))
-  x_ref, w_ref, out_ref = refs["x"], refs["kernel"], refs["out"]
+  x_ref, w_ref, out_ref = refs["x"], refs["weight"], refs["out"]
   num_rows, block_n = out_ref.shape
   dtype = w_ref.dtype
   rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
   stats = (None if input_norm is None
            else _row_stats(x_ref, input_norm.kind, input_norm.eps, block_k))
 
-  def body(i, acc):
-    start = pl.multiple_of(i * block_k, block_k)
+  # Unrolled over K so that the loads of every chunk are in flight at once (at batch 1 a program
+  # is latency-bound). Without tl.dot the products accumulate elementwise in an (R, block_n,
+  # block_k) tile, reduced once at the end rather than once per chunk.
+  acc = jnp.zeros((num_rows, block_n) if use_dot else (num_rows, block_n, block_k), jnp.float32)
+  for start in range(0, x_ref.shape[-1], block_k):
     x = x_ref[:, pl.ds(start, block_k)]
     if input_norm is not None:
       normed = _normalize(x.astype(jnp.float32), stats, refs.get("norm_scale"),
@@ -88,14 +89,13 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
       x = normed if norm_from_row == 0 else jnp.where(rows >= norm_from_row, normed,
                                                       x.astype(jnp.float32))
     x = x.astype(dtype)
-    w = w_ref[pl.ds(start, block_k), :]
+    w = w_ref[:, pl.ds(start, block_k)]
     if use_dot:
-      return acc + jnp.dot(x, w, precision=precision, preferred_element_type=jnp.float32)
-    return acc + jnp.sum(x.astype(jnp.float32)[:, :, None] * w.astype(jnp.float32)[None],
-                         axis=1)
-
-  acc = lax.fori_loop(0, x_ref.shape[-1] // block_k, body,
-                      jnp.zeros((num_rows, block_n), jnp.float32))
+      acc = acc + _dot_transposed(x, w, precision)
+    else:
+      acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None]
+  if not use_dot:
+    acc = jnp.sum(acc, axis=2)
   _store(acc, refs, activation, residual_norm)
 
 
@@ -108,7 +108,7 @@ def _store(acc, refs, activation, residual_norm):
     acc = acc + (bias[None, :] if bias.ndim == 1 else bias)
   if activation == "relu":
     acc = jnp.maximum(acc, 0.0)
-  y = acc.astype(refs["kernel"].dtype)
+  y = acc.astype(refs["weight"].dtype)
   if "residual" in refs:
     residual_ref = refs["residual"]
     if residual_norm is None:
@@ -196,19 +196,22 @@ def _fit(block, dim):
   return block
 
 
-def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=None,
-                residual=None, residual_norm=None, block_n=64, block_k=128, num_warps=4,
+def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
+                residual=None, residual_norm=None, block_n=16, block_k=512, num_warps=4,
                 interpret=None):
-  """act(norm(x) @ kernel + bias), rounded to kernel's dtype, plus an optional (normalised) residual.
+  """act(norm(x) @ weight.T + bias), rounded to weight's dtype, plus an optional (normalised)
+  residual.
 
-  x: (B, R, K), R rows per batch element (a power of two, at most 64); kernel: (K, N), its dtype
-  the compute dtype (inputs are rounded to it, products accumulate in float32, as Flax's Dense);
+  x: (B, R, K), R rows per batch element (a power of two, at most 64); weight: (N, K), a Dense
+  kernel transposed so that a program's loads run along contiguous K (at batch 1 the kernel is a
+  matrix-vector product bound by how fast its weight rows stream in); its dtype is the compute
+  dtype (inputs are rounded to it, products accumulate in float32, as Flax's Dense);
   bias: (N,) or (R, N) (a bias per row) or None.
   norm: a `Norm` over K applied to rows norm_from_row.. of x before the product (the rows before
   it enter as they are), or None.
   activation: None or "relu", after the bias.
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
-  Returns (B, R, N): float32 with a residual (the residual stream), else kernel's dtype.
+  Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
   block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
   norm statistics), powers of two, halved until they divide N and K; interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
@@ -216,29 +219,40 @@ def fused_dense(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=
   if x.ndim != 3:
     raise ValueError(f"x must have shape (B, R, K), got {x.shape}")
   b, r, k = x.shape
-  if kernel.ndim != 2 or kernel.shape[0] != k:
-    raise ValueError(f"kernel must have shape (K, N) with K = {k} from x {x.shape}, got "
-                     f"{kernel.shape}")
-  n = kernel.shape[1]
+  if weight.ndim != 2 or weight.shape[1] != k:
+    raise ValueError(f"weight must have shape (N, K) with K = {k} from x {x.shape}, got "
+                     f"{weight.shape}")
+  n = weight.shape[0]
   if not _is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n, block_k = _fit(block_n, n), _fit(block_k, k)
+  block_n = _fit(block_n, n)
+  use_dot = min(r, block_n) >= _MIN_DOT_DIM
+  if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
+    block_k = min(block_k, max(_MAX_TILE // (r * block_n), 1))
+  block_k = _fit(block_k, k)
+  use_dot = use_dot and block_k >= _MIN_DOT_DIM
   if activation not in (None, "relu"):
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
   operands = _Operands()
   operands.add("x", x, (None, r, k), lambda j, i: (i, 0, 0))
-  operands.add("kernel", kernel, (k, block_n), lambda j, i: (0, j))
+  operands.add("weight", weight, (block_n, k), lambda j, i: (j, 0))
   if norm is not None:
     operands.add_norm("norm", norm, k)
   operands.add_epilogue(b, r, n, block_n, bias, residual, residual_norm)
-  out_dtype = jnp.float32 if residual is not None else kernel.dtype
+  out_dtype = jnp.float32 if residual is not None else weight.dtype
   body = functools.partial(
       _kernel, input_norm=norm, residual_norm=residual_norm, norm_from_row=norm_from_row,
-      activation=activation, block_k=block_k, use_dot=min(r, block_k, block_n) >= _MIN_DOT_DIM,
-      precision=_precision(kernel.dtype))
+      activation=activation, block_k=block_k, use_dot=use_dot,
+      precision=_precision(weight.dtype))
   return operands.call(body, grid=(n // block_n, b),
                        out_shape=jax.ShapeDtypeStruct((b, r, n), out_dtype), block_n=block_n,
                        num_warps=num_warps, interpret=interpret, name="fused_dense")
+
+
+def _dot_transposed(a, b, precision):
+  """a (M, C) times b (N, C) transposed -> (M, N) float32, on tensor cores."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
 
 
 def _precision(dtype):
@@ -248,15 +262,16 @@ def _precision(dtype):
 
 def _attention_kernel(*refs, layout, num_heads, column_blocks, scale, residual_norm):
   refs = dict(zip(layout, refs))
-  q_ref, k_ref, v_ref, w_ref = refs["q"], refs["k"], refs["v"], refs["kernel"]
+  q_ref, k_ref, v_ref, w_ref = refs["q"], refs["k"], refs["v"], refs["weight"]
   num_queries, block_n = refs["out"].shape
   num_keys = k_ref.shape[0]
   dtype = w_ref.dtype
-  head_dim = w_ref.shape[0] // num_heads
+  head_dim = w_ref.shape[1] // num_heads
   f32 = lambda y: y.astype(jnp.float32)
   use_dot = min(num_queries, num_keys, head_dim) >= _MIN_DOT_DIM
   out_dot = min(num_queries, head_dim, block_n) >= _MIN_DOT_DIM
-  acc = jnp.zeros((num_queries, block_n), jnp.float32)
+  acc = jnp.zeros((num_queries, block_n) if out_dot else (num_queries, block_n, head_dim),
+                  jnp.float32)
   for h in range(num_heads):
     head = lambda ref, block: ref[:, pl.ds((block * num_heads + h) * head_dim, head_dim)]
     q, k, v = (head(ref, block) for ref, block in zip((q_ref, k_ref, v_ref), column_blocks))
@@ -275,34 +290,36 @@ def _attention_kernel(*refs, layout, num_heads, column_blocks, scale, residual_n
     else:
       o = jnp.sum(weights[:, :, None] * f32(v)[None, :, :], axis=1)
     o = o.astype(dtype)  # the attention's output in the compute dtype, as Flax's
-    w = w_ref[pl.ds(h * head_dim, head_dim), :]
+    w = w_ref[:, pl.ds(h * head_dim, head_dim)]
     if out_dot:
-      acc = acc + jnp.dot(o, w, precision=_precision(dtype), preferred_element_type=jnp.float32)
+      acc = acc + _dot_transposed(o, w, _precision(dtype))
     else:
-      acc = acc + jnp.sum(f32(o)[:, :, None] * f32(w)[None, :, :], axis=1)
+      acc = acc + f32(o)[:, None, :] * f32(w)[None, :, :]  # summed once, after every head
+  if not out_dot:
+    acc = jnp.sum(acc, axis=2)
   _store(acc, refs, None, residual_norm)
 
 
-def attention_dense(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 0, 0), mask=None,
-                    residual=None, residual_norm=None, block_n=64, num_warps=4, interpret=None):
+def attention_dense(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 0, 0), mask=None,
+                    residual=None, residual_norm=None, block_n=32, num_warps=4, interpret=None):
   """Multi-head softmax attention of a few queries over a few keys, its output projection and
   residual, in one kernel: residual_norm(residual) + round(concat_h(softmax(q_h k_h^T / sqrt(dh))
-  v_h) @ kernel + bias). Every program computes the whole (small) attention and one block of output
+  v_h) @ weight.T + bias). Every program computes the whole (small) attention and one block of output
   columns.
 
-  q: (B or 1, Q, Wq); k, v: (B, K, Wk), (B, K, Wv); the heads are the D = kernel.shape[0] columns
+  q: (B or 1, Q, Wq); k, v: (B, K, Wk), (B, K, Wv); the heads are the D = weight.shape[1] columns
   at column_blocks[i] * D of each (so that merged projections are read in place, not sliced),
   head-major (H = num_heads heads of dh = D / H). mask: (B, K) bool (False: never attended) or
-  None. kernel: (D, N) in the compute dtype; bias, residual, residual_norm: as `fused_dense`'s.
+  None. weight: (N, D) in the compute dtype; bias, residual, residual_norm: as `fused_dense`'s.
   Logits and softmax in float32; the attention output is rounded to the compute dtype before the
   projection (as Flax's MultiHeadDotProductAttention). Q, K and dh must be powers of two.
-  Returns (B, Q, N): float32 with a residual, else kernel's dtype.
+  Returns (B, Q, N): float32 with a residual, else weight's dtype.
   """
-  d, n = kernel.shape
+  n, d = weight.shape
   b, num_keys = k.shape[:2]
   num_queries = q.shape[1]
   if d % num_heads:
-    raise ValueError(f"kernel's D = {d} must be a multiple of num_heads = {num_heads}")
+    raise ValueError(f"weight's D = {d} must be a multiple of num_heads = {num_heads}")
   for name, array, block in zip("qkv", (q, k, v), column_blocks):
     if array.ndim != 3 or array.shape[-1] < (block + 1) * d or array.shape[0] not in (1, b):
       raise ValueError(f"{name} must have shape (B, rows, W) with W >= {(block + 1) * d} "
@@ -318,7 +335,7 @@ def attention_dense(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 
     index = _batch_index(array)
     operands.add(name, array, (None,) + array.shape[1:],
                  lambda j, i, index=index: (index(i), 0, 0))
-  operands.add("kernel", kernel, (d, block_n), lambda j, i: (0, j))
+  operands.add("weight", weight, (block_n, d), lambda j, i: (j, 0))
   if mask is not None:
     if mask.shape != (b, num_keys):
       raise ValueError(f"mask must have shape (B, K) = {(b, num_keys)}, got {mask.shape}")
@@ -329,17 +346,17 @@ def attention_dense(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 
   body = functools.partial(_attention_kernel, num_heads=num_heads,
                            column_blocks=tuple(column_blocks),
                            scale=float((d // num_heads) ** -0.5), residual_norm=residual_norm)
-  out_dtype = jnp.float32 if residual is not None else kernel.dtype
+  out_dtype = jnp.float32 if residual is not None else weight.dtype
   return operands.call(body, grid=(n // block_n, b),
                        out_shape=jax.ShapeDtypeStruct((b, num_queries, n), out_dtype),
                        block_n=block_n, num_warps=num_warps, interpret=interpret,
                        name="attention_dense")
 
 
-def attention_dense_reference(q, k, v, kernel, bias=None, *, num_heads, column_blocks=(0, 0, 0),
+def attention_dense_reference(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 0, 0),
                               mask=None, residual=None, residual_norm=None):
   """`attention_dense` through Flax's dot_product_attention and `fused_dense_reference`."""
-  d = kernel.shape[0]
+  d = weight.shape[1]
   b = k.shape[0]
   heads = lambda array, block: jnp.broadcast_to(
       array, (b,) + array.shape[1:])[..., block * d:(block + 1) * d].reshape(
@@ -349,11 +366,11 @@ def attention_dense_reference(q, k, v, kernel, bias=None, *, num_heads, column_b
                                v.astype(jnp.float32),
                                mask=None if mask is None else mask[:, None, None, :],
                                precision="highest")
-  return fused_dense_reference(o.reshape(o.shape[:2] + (d,)).astype(kernel.dtype), kernel, bias,
+  return fused_dense_reference(o.reshape(o.shape[:2] + (d,)).astype(weight.dtype), weight, bias,
                                residual=residual, residual_norm=residual_norm)
 
 
-def fused_dense_reference(x, kernel, bias=None, *, norm=None, norm_from_row=0, activation=None,
+def fused_dense_reference(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
                           residual=None, residual_norm=None):
   """`fused_dense` in plain jnp (same arguments and result, no block sizes)."""
 
@@ -369,11 +386,11 @@ def fused_dense_reference(x, kernel, bias=None, *, norm=None, norm_from_row=0, a
       y = y * norm.scale.astype(jnp.float32)
     return y if norm.bias is None else y + norm.bias.astype(jnp.float32)
 
-  dtype = kernel.dtype
+  dtype = weight.dtype
   if norm is not None:
     rows = jnp.arange(x.shape[1])[:, None] >= norm_from_row
     x = jnp.where(rows, normalize(x, norm), x.astype(jnp.float32))
-  y = jnp.einsum("brk,kn->brn", x.astype(dtype), kernel, precision="highest",
+  y = jnp.einsum("brk,nk->brn", x.astype(dtype), weight, precision="highest",
                  preferred_element_type=jnp.float32)
   if bias is not None:
     y = y + bias.astype(jnp.float32)

@@ -84,7 +84,7 @@ def pack_x_proj(x_kernel, dt_kernel, *, dt_rank, d_state):
 
 def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref, conv_bias_ref,
                     x_packed_ref, u_ref, z_ref, conv_out_ref, partial_ref, *, eps, chunk):
-  """Refs: h, scale (D,); wx, wz (D, bc) (in_proj's xs and z columns of this block); conv
+  """Refs: h, scale (D,); wx, wz (bc, D) (in_proj's xs and z rows of this block); conv
   (d_conv - 1, bc); conv_kernel (d_conv, bc); conv_bias (bc,); x_packed (bc, P). Writes u, z (bc,),
   the new conv state (d_conv - 1, bc) and the x_proj partial (P,)."""
   d_model = h_ref.shape[0]
@@ -97,12 +97,15 @@ def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref,
            for i in range(0, d_model, rms_chunk)) / d_model
   # Applied as flax's RMSNorm does: x * (rsqrt(ms + eps) * scale), then rounded.
   inv_rms = lax.rsqrt(ms + eps)
-  xs = z = jnp.zeros(wx_ref.shape[1:], jnp.float32)
+  # The weight rows are contiguous along D (coalesced loads); the products accumulate elementwise
+  # in (bc, chunk) tiles, reduced once after the loop rather than once per chunk.
+  xs = z = jnp.zeros(wx_ref.shape[:1] + (chunk,), jnp.float32)
   for i in range(0, d_model, chunk):
     rows = pl.ds(i, chunk)
     n = (h_ref[rows] * (inv_rms * scale_ref[rows])).astype(cdt).astype(jnp.float32)
-    xs = xs + jnp.sum(n[:, None] * wx_ref[rows, :].astype(jnp.float32), axis=0)
-    z = z + jnp.sum(n[:, None] * wz_ref[rows, :].astype(jnp.float32), axis=0)
+    xs = xs + n[None, :] * wx_ref[:, rows].astype(jnp.float32)
+    z = z + n[None, :] * wz_ref[:, rows].astype(jnp.float32)
+  xs, z = jnp.sum(xs, axis=1), jnp.sum(z, axis=1)
   z_ref[...] = z.astype(cdt)
   xs = xs.astype(cdt).astype(jnp.float32)  # in_proj's output is in the compute dtype
 
@@ -121,12 +124,13 @@ def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_c", "num_warps", "interpret"))
-def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, x_packed, *, eps,
+def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, x_packed, *, eps,
                   block_c=16, num_warps=4, interpret=None):
   """RMSNorm, in_proj, conv step + silu and the partial x_proj products of one Mamba step.
 
-  h: (B, D) float32 residual stream; norm_scale: (D,) float32 RMSNorm scale; in_kernel: (D, 2 Di) in
-  the compute dtype (bf16 or float32; the compute dtype is in_kernel.dtype); conv_state: (B,
+  h: (B, D) float32 residual stream; norm_scale: (D,) float32 RMSNorm scale; in_weight: (2 Di, D),
+  in_proj's kernel transposed (rows contiguous along D: coalesced loads), in the compute dtype
+  (bf16 or float32; the compute dtype is in_weight.dtype); conv_state: (B,
   d_conv - 1, Di) float32 (the last d_conv - 1 conv inputs, oldest first); conv_kernel: (d_conv, Di)
   float32; conv_bias: (Di,) float32; x_packed: (Di, P) compute dtype, from `pack_x_proj`.
   Returns u (B, Di) and z (B, Di) in the compute dtype, the new conv state (B, d_conv - 1, Di)
@@ -136,13 +140,13 @@ def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, 
   off GPU. D is walked in power-of-two chunks dividing it.
   """
   b, d_model = h.shape
-  d_inner = in_kernel.shape[1] // 2
+  d_inner = in_weight.shape[0] // 2
   d_conv = conv_kernel.shape[0]
   p = x_packed.shape[1]
-  if norm_scale.shape != (d_model,) or in_kernel.shape != (d_model, 2 * d_inner):
-    raise ValueError(f"norm_scale must have shape (D,) and in_kernel (D, 2 Di) with D = {d_model} "
+  if norm_scale.shape != (d_model,) or in_weight.shape != (2 * d_inner, d_model):
+    raise ValueError(f"norm_scale must have shape (D,) and in_weight (2 Di, D) with D = {d_model} "
                      f"from h {tuple(h.shape)}, got {tuple(norm_scale.shape)} and "
-                     f"{tuple(in_kernel.shape)}")
+                     f"{tuple(in_weight.shape)}")
   if (conv_state.shape != (b, d_conv - 1, d_inner) or conv_kernel.shape != (d_conv, d_inner)
       or conv_bias.shape != (d_inner,)):
     raise ValueError(f"conv_state, conv_kernel, conv_bias must have shapes (B, d_conv - 1, Di), "
@@ -154,12 +158,12 @@ def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, 
                      f"(see pack_x_proj), got {tuple(x_packed.shape)}")
   _check_block_c(block_c, d_inner)
   num_blocks = d_inner // block_c
-  cdt = in_kernel.dtype
+  cdt = in_weight.dtype
   row = pl.BlockSpec((None, d_model), lambda i, j: (i, 0))
   vector = pl.BlockSpec((d_model,), lambda i, j: (0,))
-  # in_kernel goes in twice: its xs columns [c] and its z columns [Di + c].
-  wx = pl.BlockSpec((d_model, block_c), lambda i, j: (0, j))
-  wz = pl.BlockSpec((d_model, block_c), lambda i, j: (0, j + num_blocks))
+  # in_weight goes in twice: its xs rows [c] and its z rows [Di + c].
+  wx = pl.BlockSpec((block_c, d_model), lambda i, j: (j, 0))
+  wz = pl.BlockSpec((block_c, d_model), lambda i, j: (j + num_blocks, 0))
   conv = pl.BlockSpec((None, d_conv - 1, block_c), lambda i, j: (i, 0, j))
   conv_kernel_spec = pl.BlockSpec((d_conv, block_c), lambda i, j: (0, j))
   channels = pl.BlockSpec((block_c,), lambda i, j: (j,))
@@ -180,7 +184,7 @@ def mamba_in_conv(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias, 
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
       interpret=_interpret(interpret),
       name="mamba_in_conv",
-  )(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_kernel, in_kernel,
+  )(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_weight, in_weight,
     conv_state.astype(jnp.float32), conv_kernel.astype(jnp.float32),
     conv_bias.astype(jnp.float32), x_packed.astype(cdt))
 
@@ -267,16 +271,16 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
     D.astype(jnp.float32), ssm_state.astype(jnp.float32), u.astype(cdt), z.astype(cdt))
 
 
-def mamba_in_conv_reference(h, norm_scale, in_kernel, conv_state, conv_kernel, conv_bias,
+def mamba_in_conv_reference(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias,
                             x_packed, *, eps):
   """`mamba_in_conv` in jnp. x_partial comes as one block, (B, 1, P): the whole u @ x_packed."""
-  cdt = in_kernel.dtype
+  cdt = in_weight.dtype
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   dot = lambda a, b: jnp.dot(a, b, precision="highest", preferred_element_type=jnp.float32)
   h = f32(h)
   ms = jnp.mean(h * h, axis=-1, keepdims=True)
   n = (h * (lax.rsqrt(ms + eps) * f32(norm_scale))).astype(cdt)
-  xs, z = jnp.split(dot(n, in_kernel).astype(cdt), 2, axis=-1)
+  xs, z = jnp.split(dot(n, in_weight.T).astype(cdt), 2, axis=-1)
   window = jnp.concatenate([f32(conv_state), f32(xs)[:, None]], axis=1)
   u = jax.nn.silu(jnp.sum(window * f32(conv_kernel), axis=1) + f32(conv_bias)).astype(cdt)
   return u, z, window[:, 1:], dot(u, x_packed.astype(cdt))[:, None]

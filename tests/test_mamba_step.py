@@ -40,7 +40,7 @@ def _weights(params, d_model, dtype):
   _, dt_rank = ssm.mamba_dims(d_model, EXPAND)
   x_packed, dt_packed = pack_x_proj(params["x_proj"]["kernel"], params["dt_proj"]["kernel"],
                                     dt_rank=dt_rank, d_state=D_STATE)
-  return dict(in_kernel=params["in_proj"]["kernel"].astype(dtype),
+  return dict(in_weight=params["in_proj"]["kernel"].T.astype(dtype),
               conv_kernel=params["conv_kernel"], conv_bias=params["conv_bias"],
               x_packed=x_packed.astype(dtype), dt_packed=dt_packed.astype(dtype),
               dt_bias=params["dt_bias"], A=-jnp.exp(params["A_log"]), D=params["D"])
@@ -48,7 +48,7 @@ def _weights(params, d_model, dtype):
 
 def _step(in_conv, scan_gate, h, norm_scale, carry, w, **kwargs):
   """One step through in_conv then scan_gate: (y before out_proj, new carry)."""
-  u, z, conv, x_partial = in_conv(h, norm_scale, w["in_kernel"], carry["conv"], w["conv_kernel"],
+  u, z, conv, x_partial = in_conv(h, norm_scale, w["in_weight"], carry["conv"], w["conv_kernel"],
                                   w["conv_bias"], w["x_packed"], eps=EPS, **kwargs)
   y, ssm_state = scan_gate(x_partial, w["dt_packed"], w["dt_bias"], w["A"], w["D"], carry["ssm"],
                            u, z, d_state=D_STATE, **kwargs)
@@ -65,7 +65,7 @@ CASES = [(64, 1, 16, jnp.float32, 1e-5), (48, 3, 16, jnp.float32, 1e-5),
 def test_kernels_match_references(d_model, batch, block_c, dtype, tol):
   _, variables, norm_scale, h, carry = _model(d_model, batch, seed=d_model + batch)
   w = _weights(variables["params"], d_model, dtype)
-  args = (h, norm_scale, w["in_kernel"], carry["conv"], w["conv_kernel"], w["conv_bias"],
+  args = (h, norm_scale, w["in_weight"], carry["conv"], w["conv_kernel"], w["conv_bias"],
           w["x_packed"])
   out = mamba_in_conv(*args, eps=EPS, block_c=block_c, interpret=True)
   ref = mamba_in_conv_reference(*args, eps=EPS)
@@ -132,7 +132,7 @@ def test_triton_lowering_for_gpu(d_model, dtype):
   p = pl.next_power_of_2(r + 2 * D_STATE)
   f32 = jnp.float32
   spec = lambda shape, d=f32: jax.ShapeDtypeStruct(shape, d)
-  in_conv_args = [spec((b, d_model)), spec((d_model,)), spec((d_model, 2 * d_inner), dtype),
+  in_conv_args = [spec((b, d_model)), spec((d_model,)), spec((2 * d_inner, d_model), dtype),
                   spec((b, D_CONV - 1, d_inner)), spec((D_CONV, d_inner)), spec((d_inner,)),
                   spec((d_inner, p), dtype)]
   scan_args = [spec((b, d_inner // 16, p)), spec((r, d_inner), dtype), spec((d_inner,)),

@@ -1,0 +1,115 @@
+"""The fused-kernel streaming step (clam_jax.fused_streaming, Pallas interpret mode on the CPU):
+the same states and logits as streaming.stream_step at every frame, in float32 and within the
+rounding of bfloat16; the whole EK100 step lowers through Triton; unsupported configs are named."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clam_jax.fused_streaming import make_fused_stream_step, prepare_fused_params
+from clam_jax.model import CLAM
+from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
+from configs import ek100
+from helpers import max_rel_err, model_config
+
+MODALITIES = {"rgb": 32, "flow": 16}
+B, T = 2, 6
+
+
+def _config(**overrides):
+  fields = dict(modalities=MODALITIES, num_act_tokens=4, future_queries=1, predictor_layers=2,
+                processor_layers=2, heads={"verb": 7, "noun": 11, "action": 13})
+  return model_config(**{**fields, **overrides})
+
+
+def _params(config):
+  """Random params (not the init: random norms, biases and type embeddings)."""
+  features = {m: np.ones((1, 2, d), np.float32) for m, d in MODALITIES.items()}
+  shapes = jax.eval_shape(functools.partial(CLAM(config).init, train=False), jax.random.key(0),
+                          features, np.ones((1, 2), bool))["params"]
+  rng = np.random.default_rng(1)
+  return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
+
+
+def _run(step, params, config, frames):
+  """Every frame's outputs and the final state of a lax.scan of step over frames (T, B, F)."""
+  return jax.jit(lambda p: jax.lax.scan(lambda s, f: step(p, s, f),
+                                        init_stream_state(config, B), frames))(params)
+
+
+def _frames(rng):
+  return {m: jnp.asarray(rng.standard_normal((T, B, d)), jnp.float32)
+          for m, d in MODALITIES.items()}
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(memory_layers=1, memory_feature_map="elu1", type_embeddings=False, predictor_layers=1),
+    dict(memory=False, processor_layers=1),
+], ids=["two_memory_layers", "one_memory_layer_elu1", "no_memory"])
+def test_fused_step_equals_stream_step_float32(overrides):
+  config = _config(**overrides)
+  params = _params(config)
+  frames = _frames(np.random.default_rng())
+  ref_state, ref = _run(make_stream_step(config), prepare_stream_params(params, config), config,
+                        frames)
+  state, out = _run(make_fused_stream_step(config), prepare_fused_params(params, config), config,
+                    frames)
+  assert max_rel_err(out, ref) <= 1e-5
+  assert max_rel_err(state, ref_state) <= 1e-5
+
+
+def test_fused_step_bfloat16_is_as_close_to_float32_as_the_xla_step():
+  """In bfloat16 the two steps round differently; each is compared to the float32 step."""
+  config = _config(dtype="bfloat16")
+  params = _params(config)
+  frames = _frames(np.random.default_rng())
+  f32 = _config()
+  _, exact = _run(make_stream_step(f32), prepare_stream_params(params, f32), f32, frames)
+  _, xla = _run(make_stream_step(config), prepare_stream_params(params, config, cast=True),
+                config, frames)
+  _, fused = _run(make_fused_stream_step(config), prepare_fused_params(params, config), config,
+                  frames)
+  xla_err, fused_err = max_rel_err(xla, exact), max_rel_err(fused, exact)
+  assert fused_err <= max(1.5 * xla_err, 1e-2), (fused_err, xla_err)
+
+
+def test_ek100_fused_step_lowers_through_triton(monkeypatch):
+  """Every kernel of the EK100 step (D = 1024, bf16) lowers with the Pallas Triton backend for an
+  abstract H100 (not compiled: Triton's own compile errors show only on a GPU)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' interpret default
+  config = ek100.get_config().model
+  params = jax.eval_shape(
+      lambda k: CLAM(config).init(k, {"rgb": jnp.ones((1, 2, 1024))}, jnp.ones((1, 2), bool),
+                                  train=False)["params"], jax.random.key(0))
+  fused = jax.eval_shape(lambda p: prepare_fused_params(p, config), params)
+  state = jax.eval_shape(lambda: init_stream_state(config, 1))
+  frame = {"rgb": jax.ShapeDtypeStruct((1, 1024), jnp.float32)}
+  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                     platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    try:
+      text = jax.jit(make_fused_stream_step(config)).trace(fused, state, frame).lower(
+          lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:
+      if "No supported GPU devices found" in str(e):
+        pytest.skip(f"this JAX cannot lower Triton kernels without a GPU: {e}")
+      raise
+  assert "__gpu$xla.gpu.triton" in text
+  for kernel in ("fused_dense", "attention_dense", "mamba_in_conv", "mamba_scan_gate",
+                 "memory_update", "memory_readout"):
+    assert kernel in text, kernel
+
+
+def test_unsupported_configs_are_named():
+  for overrides, field in ((dict(processor="gru"), "processor"),
+                           (dict(memory_normalize=True, memory_feature_map="elu1"),
+                            "memory_normalize"),
+                           (dict(future_queries=3), "future_queries"),
+                           (dict(num_act_tokens=5), "num_act_tokens")):
+    with pytest.raises(ValueError, match=field):
+      make_fused_stream_step(_config(**overrides))
