@@ -197,7 +197,7 @@ def _fit(block, dim):
 
 
 def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
-                residual=None, residual_norm=None, block_n=None, block_k=1024, num_warps=4,
+                residual=None, residual_norm=None, block_n=None, block_k=512, num_warps=4,
                 interpret=None):
   """act(norm(x) @ weight.T + bias), rounded to weight's dtype, plus an optional (normalised)
   residual.
@@ -213,10 +213,10 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
   block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
-  norm statistics), powers of two, halved until they divide N and K. block_n None: 8 for R < 16
-  (a matrix-vector product: many programs, each streaming whole weight rows; on an H200 at batch 1
-  8 rows of 1024 ran a 1024 x 4096 layer 1.4x faster than 16 and 2.5x faster than 32), else 16 (the
-  smallest tl.dot tile); interpret: Pallas interpret mode
+  norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
+  smallest tl.dot tile). On an H200 at batch 1, 8 ran an isolated chain of 1024 x 4096 layers 1.4x
+  faster than 16 (32: 1.7x slower), but the EK100 streaming step 1.2x slower (more programs, each
+  normalising its rows again); see benchmarks/RESULTS.md; interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
@@ -228,7 +228,7 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   n = weight.shape[0]
   if not _is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n = _fit(block_n or (8 if r < _MIN_DOT_DIM else _MIN_DOT_DIM), n)
+  block_n = _fit(block_n or _MIN_DOT_DIM, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
     block_k = min(block_k, max(_MAX_TILE // (r * block_n), 1))
@@ -249,7 +249,8 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
       precision=_precision(weight.dtype))
   return operands.call(body, grid=(n // block_n, b),
                        out_shape=jax.ShapeDtypeStruct((b, r, n), out_dtype), block_n=block_n,
-                       num_warps=num_warps, interpret=interpret, name="fused_dense")
+                       num_warps=num_warps, interpret=interpret,
+                       name=f"fused_dense_r{r}_k{k}_n{n}")  # shapes: kernels tell apart in traces
 
 
 def _dot_transposed(a, b, precision):
@@ -353,7 +354,7 @@ def attention_dense(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 
   return operands.call(body, grid=(n // block_n, b),
                        out_shape=jax.ShapeDtypeStruct((b, num_queries, n), out_dtype),
                        block_n=block_n, num_warps=num_warps, interpret=interpret,
-                       name="attention_dense")
+                       name=f"attention_dense_q{num_queries}_k{num_keys}_n{n}")
 
 
 def attention_dense_reference(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 0, 0),
