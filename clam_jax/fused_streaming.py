@@ -1,17 +1,18 @@
-"""The streaming step in fused Pallas kernels: the same step as clam_jax.streaming, ~40 launches.
+"""The streaming step in fused Pallas kernels: the same step as clam_jax.streaming, ~50 launches.
 
     fused = prepare_fused_params(params, config.model)        # once
     state, out = fused_stream_step(fused, state, features_t)  # jax.jit it; state and out as
                                                               # streaming.stream_step's
 
-At batch 1 the step is a chain of products of a few rows whose kernel launches, not their bytes,
-set the latency (138 XLA kernels, ~2.5 us each, on an H200). Here each product carries its
-normalisation, bias, activation and residual (pallas.fused_dense), attention runs inside its
-output projection (attention_dense), a Mamba block is two kernels plus its out-projection
-(pallas.mamba_step) and the memory's state update is one kernel for every layer
+At batch 1 the step is a chain of products of a few rows. XLA runs it as 139 kernels on an H200
+(EK100, busy 359 of 383 us per frame: kernel time, not launch gaps, dominates). Here each product
+carries its normalisation, bias, activation and residual (pallas.fused_dense), each attention is
+one kernel over its heads (pallas.small_attention), a Mamba block is two kernels plus its
+out-projection (pallas.mamba_step) and the memory's state update is one kernel for every layer
 (pallas.memory_step). Residual streams are kept before their LayerNorm: the next kernel
 normalises its own input rows (post-norm predictor layers included), so no kernel waits for a
-separate normalisation.
+separate normalisation. For batch 1: at batch B every stream re-reads the weights (use
+streaming.stream_step there).
 
 Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
 F = 1 future query (the EK100, Ego4D and THUMOS configs); `check_fused_config` names what is not.
@@ -26,9 +27,10 @@ from flax import traverse_util
 
 from clam_jax import streaming
 from clam_jax.processor import _NORM_EPS
-from pallas.fused_dense import Norm, attention_dense, fused_dense
+from pallas.fused_dense import Norm, fused_dense
 from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj
 from pallas.memory_step import memory_readout, memory_update
+from pallas.small_attention import small_attention
 
 _LAYER_NORM_EPS = 1e-6  # Flax's LayerNorm default, which every LayerNorm of the model keeps
 _CLASSIFIER_BLOCK = 64  # the classifier's columns are padded to a multiple of fused_dense's block
@@ -169,9 +171,10 @@ def _memory(config, fused, states, x):
       norm = _norm(layer["self_attention_norm"])
       qkv = fused_dense(tokens, layer["self_attention"]["qkv"]["weight"],
                         layer["self_attention"]["qkv"]["bias"], norm=norm)
-      tokens = attention_dense(qkv, qkv, qkv, layer["self_attention"]["out"]["weight"],
-                               layer["self_attention"]["out"]["bias"], num_heads=heads,
-                               column_blocks=(0, 1, 2), residual=tokens)
+      attended = small_attention(qkv, qkv, qkv, num_heads=heads, width=config.d_model,
+                                 column_blocks=(0, 1, 2))
+      tokens = fused_dense(attended, layer["self_attention"]["out"]["weight"],
+                           layer["self_attention"]["out"]["bias"], residual=tokens)
       query = fused_dense(tokens, layer["query"]["weight"], layer["query"]["bias"],
                           norm=_norm(layer["cross_attention_norm"]))
       read = memory_readout(query, states[i], feature_map=feature_map)
@@ -202,10 +205,11 @@ def _predictor(config, fused, context, mask):
                           norm=norm)
     else:
       query = fused["queries"]
-    x = attention_dense(query, keys_values, keys_values, layer["cross_out"]["weight"],
-                        layer["cross_out"]["bias"], num_heads=heads,
-                        column_blocks=(0, 2 * i, 2 * i + 1), mask=mask, residual=x,
-                        residual_norm=norm)
+    attended = small_attention(query, keys_values, keys_values, num_heads=heads,
+                               width=config.d_model, column_blocks=(0, 2 * i, 2 * i + 1),
+                               mask=mask)
+    x = fused_dense(attended, layer["cross_out"]["weight"], layer["cross_out"]["bias"],
+                    residual=x, residual_norm=norm)
     norm = _norm(layer["cross_attention_norm"])
     x = _ffn(layer, x, norm)
     norm = _norm(layer["ffn_norm"])

@@ -1,22 +1,22 @@
 """A dense layer for a few rows with its LayerNorm/RMSNorm, activation and residual in one Pallas kernel.
 
-    y = residual_norm(residual) + round(act(input_norm(x) @ W + b))
+    y = residual_norm(residual) + round(act(input_norm(x) @ W^T + b))
 
 At batch 1 a streaming step is a chain of products of a handful of rows (one frame, 16 memory
-tokens, one future query) with normalisations and residual adds between them. XLA runs each
-normalisation, product and add as separate kernels whose launches, not their bytes, set the
-latency; here one program per block of output columns normalises its rows itself (the statistics
-of a 1024-wide row cost nothing next to the weights it reads) and applies the bias, activation and
-residual to its block before storing it.
+tokens, one future query) with normalisations and residual adds between them, which XLA runs as
+separate kernels (on an H200 the EK100 step is 139 of them, busy 359 of its 383 us per frame).
+Here one program per block of output columns normalises its rows itself (the statistics of a
+1024-wide row cost little next to the weight rows it streams) and applies the bias, activation
+and residual to its block before storing it. Weights are (N, K), Dense kernels transposed: a
+program's loads run along contiguous K.
 
 Grid: (N / block_n, B), one program per block of output columns and batch element; a program holds
-the R rows of its batch element, so row-wise normalisation needs no communication.
-"""
+the R rows of its batch element, so row-wise normalisation needs no communication (and at batch
+B > 1 every batch element re-reads the weights: this kernel is for batch 1)."""
 
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -214,9 +214,10 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
   block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
   norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
-  smallest tl.dot tile). On an H200 at batch 1, 8 ran an isolated chain of 1024 x 4096 layers 1.4x
-  faster than 16 (32: 1.7x slower), but the EK100 streaming step 1.2x slower (more programs, each
-  normalising its rows again); see benchmarks/RESULTS.md; interpret: Pallas interpret mode
+  smallest tl.dot tile) for R >= 16 or N > 2048, else 8: a matrix-vector product needs >= 128
+  programs streaming weight rows to draw on the memory bandwidth (H200, batch 1: N = 1024 from
+  K = 4096 took 12.5 us at 16, 64 programs), while wider ones already have them and pay for more
+  programs with more row statistics; see benchmarks/RESULTS.md; interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
@@ -228,7 +229,9 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   n = weight.shape[0]
   if not _is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n = _fit(block_n or _MIN_DOT_DIM, n)
+  if block_n is None:
+    block_n = _MIN_DOT_DIM if r >= _MIN_DOT_DIM or n > 2048 else 8
+  block_n = _fit(block_n, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
     block_k = min(block_k, max(_MAX_TILE // (r * block_n), 1))
@@ -262,116 +265,6 @@ def _dot_transposed(a, b, precision):
 def _precision(dtype):
   # float32 products in full precision (Triton's default for float32 tl.dot is TF32).
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
-
-
-def _attention_kernel(*refs, layout, num_heads, column_blocks, scale, residual_norm):
-  refs = dict(zip(layout, refs))
-  q_ref, k_ref, v_ref, w_ref = refs["q"], refs["k"], refs["v"], refs["weight"]
-  num_queries, block_n = refs["out"].shape
-  num_keys = k_ref.shape[0]
-  dtype = w_ref.dtype
-  head_dim = w_ref.shape[1] // num_heads
-  f32 = lambda y: y.astype(jnp.float32)
-  use_dot = min(num_queries, num_keys, head_dim) >= _MIN_DOT_DIM
-  out_dot = min(num_queries, head_dim, block_n) >= _MIN_DOT_DIM
-  acc = jnp.zeros((num_queries, block_n) if out_dot else (num_queries, block_n, head_dim),
-                  jnp.float32)
-  for h in range(num_heads):
-    head = lambda ref, block: ref[:, pl.ds((block * num_heads + h) * head_dim, head_dim)]
-    q, k, v = (head(ref, block) for ref, block in zip((q_ref, k_ref, v_ref), column_blocks))
-    if use_dot:
-      logits = jnp.dot(q, k.T, precision=_precision(dtype), preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.sum(f32(q)[:, None, :] * f32(k)[None, :, :], axis=2)
-    logits = scale * logits
-    if "mask" in refs:
-      logits = logits + refs["mask"][...][None, :]
-    weights = jnp.exp(logits - jnp.max(logits, axis=1)[:, None])
-    weights = weights / jnp.sum(weights, axis=1)[:, None]
-    if use_dot:
-      o = jnp.dot(weights.astype(dtype), v, precision=_precision(dtype),
-                  preferred_element_type=jnp.float32)
-    else:
-      o = jnp.sum(weights[:, :, None] * f32(v)[None, :, :], axis=1)
-    o = o.astype(dtype)  # the attention's output in the compute dtype, as Flax's
-    w = w_ref[:, pl.ds(h * head_dim, head_dim)]
-    if out_dot:
-      acc = acc + _dot_transposed(o, w, _precision(dtype))
-    else:
-      acc = acc + f32(o)[:, None, :] * f32(w)[None, :, :]  # summed once, after every head
-  if not out_dot:
-    acc = jnp.sum(acc, axis=2)
-  _store(acc, refs, None, residual_norm)
-
-
-def attention_dense(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 0, 0), mask=None,
-                    residual=None, residual_norm=None, block_n=32, num_warps=4, interpret=None):
-  """Multi-head softmax attention of a few queries over a few keys, its output projection and
-  residual, in one kernel: residual_norm(residual) + round(concat_h(softmax(q_h k_h^T / sqrt(dh))
-  v_h) @ weight.T + bias). Every program computes the whole (small) attention and one block of output
-  columns.
-
-  q: (B or 1, Q, Wq); k, v: (B, K, Wk), (B, K, Wv); the heads are the D = weight.shape[1] columns
-  at column_blocks[i] * D of each (so that merged projections are read in place, not sliced),
-  head-major (H = num_heads heads of dh = D / H). mask: (B, K) bool (False: never attended) or
-  None. weight: (N, D) in the compute dtype; bias, residual, residual_norm: as `fused_dense`'s.
-  Logits and softmax in float32; the attention output is rounded to the compute dtype before the
-  projection (as Flax's MultiHeadDotProductAttention). Q, K and dh must be powers of two.
-  Returns (B, Q, N): float32 with a residual, else weight's dtype.
-  """
-  n, d = weight.shape
-  b, num_keys = k.shape[:2]
-  num_queries = q.shape[1]
-  if d % num_heads:
-    raise ValueError(f"weight's D = {d} must be a multiple of num_heads = {num_heads}")
-  for name, array, block in zip("qkv", (q, k, v), column_blocks):
-    if array.ndim != 3 or array.shape[-1] < (block + 1) * d or array.shape[0] not in (1, b):
-      raise ValueError(f"{name} must have shape (B, rows, W) with W >= {(block + 1) * d} "
-                       f"(column block {block} of D = {d}) and B = {b}, got {array.shape}")
-  if v.shape[:2] != (b, num_keys):
-    raise ValueError(f"v must have k's leading shape {(b, num_keys)}, got {v.shape}")
-  for name, size in (("Q", num_queries), ("K", num_keys), ("dh", d // num_heads)):
-    if not _is_power_of_two(size):
-      raise ValueError(f"attention_dense needs powers of two: {name} = {size}")
-  block_n = _fit(block_n, n)
-  operands = _Operands()
-  for name, array in zip("qkv", (q, k, v)):
-    index = _batch_index(array)
-    operands.add(name, array, (None,) + array.shape[1:],
-                 lambda j, i, index=index: (index(i), 0, 0))
-  operands.add("weight", weight, (block_n, d), lambda j, i: (j, 0))
-  if mask is not None:
-    if mask.shape != (b, num_keys):
-      raise ValueError(f"mask must have shape (B, K) = {(b, num_keys)}, got {mask.shape}")
-    # Flax's masked logits are the dtype's minimum: an additive large negative does the same.
-    operands.add("mask", jnp.where(mask, 0.0, -1e30).astype(jnp.float32), (None, num_keys),
-                 lambda j, i: (i, 0))
-  operands.add_epilogue(b, num_queries, n, block_n, bias, residual, residual_norm)
-  body = functools.partial(_attention_kernel, num_heads=num_heads,
-                           column_blocks=tuple(column_blocks),
-                           scale=float((d // num_heads) ** -0.5), residual_norm=residual_norm)
-  out_dtype = jnp.float32 if residual is not None else weight.dtype
-  return operands.call(body, grid=(n // block_n, b),
-                       out_shape=jax.ShapeDtypeStruct((b, num_queries, n), out_dtype),
-                       block_n=block_n, num_warps=num_warps, interpret=interpret,
-                       name=f"attention_dense_q{num_queries}_k{num_keys}_n{n}")
-
-
-def attention_dense_reference(q, k, v, weight, bias=None, *, num_heads, column_blocks=(0, 0, 0),
-                              mask=None, residual=None, residual_norm=None):
-  """`attention_dense` through Flax's dot_product_attention and `fused_dense_reference`."""
-  d = weight.shape[1]
-  b = k.shape[0]
-  heads = lambda array, block: jnp.broadcast_to(
-      array, (b,) + array.shape[1:])[..., block * d:(block + 1) * d].reshape(
-          (b, array.shape[1], num_heads, -1))
-  q, k, v = (heads(array, block) for array, block in zip((q, k, v), column_blocks))
-  o = nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                               v.astype(jnp.float32),
-                               mask=None if mask is None else mask[:, None, None, :],
-                               precision="highest")
-  return fused_dense_reference(o.reshape(o.shape[:2] + (d,)).astype(weight.dtype), weight, bias,
-                               residual=residual, residual_norm=residual_norm)
 
 
 def fused_dense_reference(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,

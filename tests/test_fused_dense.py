@@ -1,16 +1,14 @@
-"""pallas.fused_dense's kernels (Pallas interpret mode) against their jnp references, at row counts
-that take both the elementwise and the tl.dot paths, widths that are not multiples of the blocks,
-row-wise and per-row biases, partial-row norms and normalised residuals; the references against
-float64 arithmetic and Flax's own LayerNorm / RMSNorm / attention."""
+"""pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts that take both
+the elementwise and the tl.dot paths, widths that are not multiples of the blocks, row-wise and
+per-row biases, partial-row norms and normalised residuals; the reference against float64
+arithmetic and Flax's own LayerNorm / RMSNorm."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas.fused_dense import (Norm, attention_dense, attention_dense_reference, fused_dense,
-                                fused_dense_reference)
+from pallas.fused_dense import Norm, fused_dense, fused_dense_reference
 from helpers import rel_err
 
 
@@ -68,51 +66,6 @@ def test_fused_dense_reference_is_flax_norm_dense_residual():
     assert rel_err(out, expected) <= 1e-5, kind
 
 
-@pytest.mark.parametrize("b, q, keys, d, heads, dtype", [
-    (2, 1, 32, 64, 4, np.float32),    # one query: elementwise logits
-    (2, 16, 16, 64, 2, np.float32),   # tl.dot path
-    (1, 1, 8, 64, 4, jnp.bfloat16),
-    (2, 16, 16, 128, 4, jnp.bfloat16),
-])
-def test_attention_dense_matches_reference(b, q, keys, d, heads, dtype):
-  rng = np.random.default_rng()
-  queries = jnp.asarray(rng.standard_normal((1, q, 3 * d)), dtype)  # shared by the batch
-  keys_values = jnp.asarray(rng.standard_normal((b, keys, 4 * d)), dtype)
-  weight = jnp.asarray(rng.standard_normal((96, d)) / np.sqrt(d), dtype)
-  mask = jnp.asarray(rng.random((b, keys)) < 0.6).at[:, -1].set(True)
-  tolerance = 1e-5 if dtype == np.float32 else 1.5e-2
-  for kwargs in (
-      dict(column_blocks=(0, 0, 1)),
-      dict(column_blocks=(2, 1, 3), mask=mask, bias=jnp.asarray(rng.standard_normal(96), dtype),
-           residual=jnp.asarray(rng.standard_normal((b, q, 96)), jnp.float32),
-           residual_norm=_norm(rng, "layer", 96)),
-  ):
-    out = attention_dense(queries, keys_values, keys_values, weight, num_heads=heads,
-                          interpret=True, **kwargs)
-    ref = attention_dense_reference(queries, keys_values, keys_values, weight, num_heads=heads,
-                                    **kwargs)
-    assert out.shape == (b, q, 96)
-    assert rel_err(out, ref) <= tolerance, sorted(kwargs)
-
-
-def test_attention_dense_reference_is_flax_attention():
-  """Against Flax's MultiHeadDotProductAttention (float32) with the same projections."""
-  rng = np.random.default_rng()
-  d, heads = 32, 4
-  attention = nn.MultiHeadDotProductAttention(heads, precision="highest")
-  tokens = jnp.asarray(rng.standard_normal((2, 8, d)), jnp.float32)
-  mask = jnp.asarray(rng.random((2, 8)) < 0.7).at[:, 0].set(True)
-  params = attention.init(jax.random.key(0), tokens, tokens)["params"]
-  params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-  expected = attention.apply({"params": params}, tokens, tokens, mask=mask[:, None, None, :])
-  project = lambda name: (jnp.einsum("btd,dhk->bthk", tokens, params[name]["kernel"])
-                          + params[name]["bias"]).reshape(2, 8, d)
-  out = attention_dense_reference(project("query"), project("key"), project("value"),
-                                  params["out"]["kernel"].reshape(d, d).T, params["out"]["bias"],
-                                  num_heads=heads, mask=mask)
-  assert rel_err(out, expected) <= 1e-5
-
-
 def test_bad_arguments_name_what_is_wrong():
   x, weight = jnp.ones((1, 3, 8)), jnp.ones((16, 8))
   with pytest.raises(ValueError, match="power of two"):
@@ -121,6 +74,3 @@ def test_bad_arguments_name_what_is_wrong():
     fused_dense(jnp.ones((1, 2, 4)), weight, interpret=True)
   with pytest.raises(ValueError, match="residual must have shape"):
     fused_dense(jnp.ones((1, 2, 8)), weight, residual=jnp.ones((1, 2, 8)), interpret=True)
-  with pytest.raises(ValueError, match="column block 3"):
-    attention_dense(jnp.ones((1, 1, 8)), jnp.ones((1, 4, 16)), jnp.ones((1, 4, 16)), weight,
-                    num_heads=2, column_blocks=(0, 3, 1), interpret=True)

@@ -107,7 +107,7 @@ def test_ek100_fused_step_lowers_through_triton(monkeypatch):
         pytest.skip(f"this JAX cannot lower Triton kernels without a GPU: {e}")
       raise
   assert "__gpu$xla.gpu.triton" in text
-  for kernel in ("fused_dense", "attention_dense", "mamba_in_conv", "mamba_scan_gate",
+  for kernel in ("fused_dense", "small_attention", "mamba_in_conv", "mamba_scan_gate",
                  "memory_update", "memory_readout"):
     assert kernel in text, kernel
 
