@@ -214,10 +214,9 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
   block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
   norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
-  smallest tl.dot tile) for R >= 16 or N > 2048, else 8: a matrix-vector product needs >= 128
-  programs streaming weight rows to draw on the memory bandwidth (H200, batch 1: N = 1024 from
-  K = 4096 took 12.5 us at 16, 64 programs), while wider ones already have them and pay for more
-  programs with more row statistics; see benchmarks/RESULTS.md; interpret: Pallas interpret mode
+  smallest tl.dot tile). On an H200 at batch 1, block_n 8 ran an isolated chain of 1024 x 4096
+  layers 1.4x faster than 16, but the EK100 step 1.2x slower when every R < 16 product used it
+  (see benchmarks/RESULTS.md); interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
@@ -229,9 +228,7 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   n = weight.shape[0]
   if not _is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  if block_n is None:
-    block_n = _MIN_DOT_DIM if r >= _MIN_DOT_DIM or n > 2048 else 8
-  block_n = _fit(block_n, n)
+  block_n = _fit(block_n or _MIN_DOT_DIM, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
     block_k = min(block_k, max(_MAX_TILE // (r * block_n), 1))
