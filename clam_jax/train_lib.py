@@ -279,7 +279,7 @@ def predict(config, params, parallel, predict_fn, split):
   """
   source = pipeline.make_source(config.data, split)
   loader = pipeline.make_loader(config.data, split, shuffle=False, num_epochs=1,
-                                batch_size=config.eval.batch_size)
+                                batch_size=config.eval.batch_size, source=source)
 
   def batches():
     """(sample ids (n,), the batch's n real rows, their probabilities) for every batch."""

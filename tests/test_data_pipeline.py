@@ -140,3 +140,21 @@ def test_config_errors_name_the_field(config):
   bad.annotations = {"train": "x.csv"}
   with pytest.raises(KeyError, match=r"data.annotations lacks \['validation', 'actions'"):
     pipeline.make_source(bad, "train")
+
+
+def test_a_loader_given_its_source_does_not_make_another(config, monkeypatch):
+  """train_lib.predict builds the source once and hands it to the loader (the annotations are
+  parsed once); the batches are those of a loader that makes its own."""
+  source = pipeline.make_source(config, "validation")
+  expected = list(pipeline.make_loader(config, "validation", shuffle=False, num_epochs=1))
+
+  def no_second_source(*args):
+    raise AssertionError("make_loader made a source although it was given one")
+
+  monkeypatch.setattr(pipeline, "make_source", no_second_source)
+  batches = list(pipeline.make_loader(config, "validation", shuffle=False, num_epochs=1,
+                                      source=source))
+  assert len(batches) == len(expected)
+  for batch, reference in zip(batches, expected):
+    np.testing.assert_array_equal(batch["sample_id"], reference["sample_id"])
+    np.testing.assert_array_equal(batch["features"]["rgb"], reference["features"]["rgb"])

@@ -243,14 +243,15 @@ def _pad_batch(batch, batch_size):
 
 
 def make_loader(data_config, split, *, shuffle, num_epochs, seed=None, batch_size=None,
-                worker_count=None):
+                worker_count=None, source=None):
   """A grain.IterDataset of batches (module docstring); iter() it for a checkpointable iterator.
 
   shuffle: reshuffle every epoch (seeded by seed, default data_config.seed); num_epochs: None
   repeats forever (training), 1 for evaluation; batch_size, worker_count default to
-  data_config.batch_size, data_config.num_workers.
+  data_config.batch_size, data_config.num_workers; source: the split's `make_source` when the
+  caller already has it (its annotations are parsed once), else made here.
   """
-  source = make_source(data_config, split)
+  source = make_source(data_config, split) if source is None else source
   batch_size = data_config.batch_size if batch_size is None else batch_size
   worker_count = data_config.num_workers if worker_count is None else worker_count
   dataset = grain.MapDataset.source(
