@@ -353,12 +353,16 @@ def measure_variants(config, params, state, frame, reps, names=VARIANTS):
     jit_step = jax.jit(step, donate_argnums=1)
     jit_scan = jax.jit(lambda params, state, frames, step=step: jax.lax.scan(
         lambda s, f: step(params, s, f), state, frames), donate_argnums=1)
-    prepared = jax.block_until_ready(prepare[name]())
+    batch = frame[next(iter(frame))].shape[0]
     start = time.perf_counter()
-    compiled = jit_step.lower(prepared, state, frame).compile()  # timed below: no second compile
-    row = dict(variant=name, batch=frame[next(iter(frame))].shape[0],
-               params_bytes=nbytes(prepared), compile_s=time.perf_counter() - start,
-               kernels=kernel_count(compiled.as_text()))
+    try:
+      prepared = jax.block_until_ready(prepare[name]())
+      compiled = jit_step.lower(prepared, state, frame).compile()  # timed below: compiled once
+    except Exception as e:  # e.g. a Pallas kernel Triton rejects on this GPU: a row, not a crash
+      rows.append(dict(variant=name, batch=batch, error=f"{type(e).__name__}: {e}"[:500]))
+      continue
+    row = dict(variant=name, batch=batch, params_bytes=nbytes(prepared),
+               compile_s=time.perf_counter() - start, kernels=kernel_count(compiled.as_text()))
     (_, out), row["blocked_ms"], _ = timed(
         lambda c: compiled(prepared, c[0], frame), (copy(state), None), reps["calls"],
         reps["warmup"])
@@ -431,7 +435,8 @@ def main():
   variants += measure_variants(config, params, jax.tree.map(lambda x: jnp.repeat(x, big, axis=0),
                                                             state),
                                inputs[big][0], reps, [n for n in names if n in ("bf16", "fused")])
-  log("variants: " + ", ".join(f"{r['variant']} {r['blocked_ms']:.3f} ms" for r in variants))
+  log("variants: " + ", ".join(f"{r['variant']} " + (f"{r['blocked_ms']:.3f} ms" if "error" not in r
+                                                    else "failed") for r in variants))
   state, seen, rows = streaming.init_stream_state(config, 1), 0, []
   for t in ts if not args.latency_only else ():
     state = advance(clam_fns, params, state, t - seen, *inputs[1])
@@ -531,6 +536,9 @@ def print_variants(results, out_path):
   print(f"{'variant':8s} {'B':>3s} {'blocked':>8s} {'unblocked':>10s} {'scan/frame':>11s} {'kernels':>8s} "
         f"{'params-only':>12s} {'params MiB':>11s} {'max |diff|':>11s}")
   for r in results["variants"]:
+    if "error" in r:
+      print(f"{r['variant']:8s} {r['batch']:3d} failed: {r['error'][:200]}")
+      continue
     print(f"{r['variant']:8s} {r['batch']:3d} {r['blocked_ms']:8.3f} {r['unblocked_ms']:10.3f} "
           f"{r['scan_ms_per_frame']:11.4f} {r['kernels']['total']:8d} "
           f"{r['kernels']['params_only']:12d} {r['params_bytes'] / 2**20:11.1f} "
