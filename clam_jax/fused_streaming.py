@@ -66,8 +66,9 @@ def prepare_fused_params(params, model_config):
   streaming.prepare_stream_params(params, config, cast=True) (merged products, params-only
   constants, Dense weights in config.dtype) plus: the Mamba blocks' x_proj / dt_proj packed for
   the kernels (pack_x_proj) and A = -exp(A_log), DenseGeneral kernels flattened to (D_in, D_out),
-  the predictor's query positions folded into its cross-attention query biases, and the classifier
-  columns zero-padded to a multiple of 64. Returns a pytree of arrays.
+  the predictor's query positions folded into its cross-attention query biases, the classifier
+  columns zero-padded to a multiple of 64, and every Dense kernel stored transposed, as "weight"
+  (N, K) (fused_dense's layout). Returns a pytree of arrays.
   """
   check_fused_config(model_config)
   config = model_config
@@ -83,10 +84,12 @@ def prepare_fused_params(params, model_config):
                                       dt_rank=block["dt_proj"]["kernel"].shape[0],
                                       d_state=config.ssm.d_state)
     layers.append({
-        "norm_scale": p["processor"][f"norm_{i}"]["scale"], "in_weight": block["in_proj"]["kernel"].T,
+        "norm_scale": p["processor"][f"norm_{i}"]["scale"],
+        "in_weight": block["in_proj"]["kernel"].T,
         "conv_kernel": block["conv_kernel"], "conv_bias": block["conv_bias"],
         "x_packed": x_packed, "dt_packed": dt_packed, "dt_bias": block["dt_bias"],
-        "A": -jnp.exp(block["A_log"]), "D": block["D"], "out_weight": block["out_proj"]["kernel"].T})
+        "A": -jnp.exp(block["A_log"]), "D": block["D"],
+        "out_weight": block["out_proj"]["kernel"].T})
   fused = {"projections": {name: p[f"projections_{name}"] for name in config.modalities},
            "processor": {"layers": layers, "final_norm": p["processor"]["final_norm"]}}
   if config.memory:
@@ -127,7 +130,8 @@ def prepare_fused_params(params, model_config):
 
 
 def _transposed(tree):
-  """Every {"kernel": (K, N), "bias"} in tree as {"weight": (N, K), "bias"} (fused_dense's layout)."""
+  """Every {"kernel": (K, N), "bias"} in tree as {"weight": (N, K), "bias"}: fused_dense's
+  layout."""
   if isinstance(tree, dict):
     return {("weight" if key == "kernel" else key):
             (value.T if key == "kernel" else _transposed(value)) for key, value in tree.items()}

@@ -1,4 +1,4 @@
-"""A dense layer for a few rows with its LayerNorm/RMSNorm, activation and residual in one Pallas kernel.
+"""A dense layer for a few rows, with its LayerNorm/RMSNorm, activation and residual, in one kernel.
 
     y = residual_norm(residual) + round(act(input_norm(x) @ W^T + b))
 
@@ -124,7 +124,7 @@ def _store(acc, refs, activation, residual_norm):
 
 
 class _Operands:
-  """The pallas_call operands of a grid (N / block_n, B): names (the kernel's refs), arrays, specs."""
+  """The pallas_call operands of a grid (N / block_n, B): the kernel's ref names, arrays, specs."""
 
   def __init__(self):
     self.layout, self.arrays, self.specs = [], [], []

@@ -1,4 +1,4 @@
-"""One streaming step of a Mamba block (one frame, batch B) as two fused Pallas GPU (Triton) kernels.
+"""One streaming step of a Mamba block (one frame, batch B) as two fused Pallas (Triton) kernels.
 
 `mamba_in_conv`: RMSNorm of the residual stream, in_proj, the causal depthwise conv step and silu,
 and this channel block's share of x_proj; `mamba_scan_gate`: the rest of x_proj, dt_proj, softplus,
@@ -59,8 +59,8 @@ def pack_x_proj(x_kernel, dt_kernel, *, dt_rank, d_state):
 
   x_kernel: (Di, dt_rank + 2 d_state) (MambaBlock's x_proj kernel); dt_kernel: (dt_rank, Di)
   (dt_proj's). With R the next power of two >= dt_rank and P the next power of two >= R + 2 d_state,
-  returns x_packed (Di, P), columns [0:dt_rank] the dt part, [R:R+d_state] B, [R+d_state:R+2 d_state]
-  C and zeros elsewhere, and dt_packed (R, Di), rows [0:dt_rank] dt_kernel and zeros after, both in
+  returns x_packed (Di, P), columns [0:dt_rank] the dt part, [R:R+d_state] B,
+  [R+d_state:R+2 d_state] C and zeros elsewhere, and dt_packed (R, Di), rows [0:dt_rank] dt_kernel and zeros after, both in
   their inputs' dtypes. The zero rows of dt_packed meet the zero columns of x_packed, so dt_proj's
   product is unchanged. d_state must be a power of two.
   """
@@ -221,7 +221,7 @@ def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm
 @functools.partial(jax.jit, static_argnames=("d_state", "block_c", "num_warps", "interpret"))
 def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state, block_c=16,
                     num_warps=4, interpret=None):
-  """x_proj's sum, dt_proj, softplus, the selective-scan step and the silu(z) gate of one Mamba step.
+  """x_proj's sum, dt_proj, softplus, the selective-scan step and the silu(z) gate of a Mamba step.
 
   x_partial: (B, num_blocks, P) float32 from `mamba_in_conv` (any num_blocks); dt_packed: (R, Di) in
   the compute dtype, from `pack_x_proj` (the compute dtype is dt_packed.dtype); dt_bias: (Di,)

@@ -1,4 +1,4 @@
-"""pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts that take both
+"""pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts taking both
 the elementwise and the tl.dot paths, widths that are not multiples of the blocks, row-wise and
 per-row biases, partial-row norms and normalised residuals; the reference against float64
 arithmetic and Flax's own LayerNorm / RMSNorm."""
