@@ -662,19 +662,14 @@ def _train_scalars(pending, on_nonfinite, last_saved):
 # Evaluation of a saved run
 
 
-def evaluate(config, workdir, checkpoint="best"):
-  """Restores a checkpoint of workdir, evaluates it on config.eval.split and writes workdir/eval/.
+def load_checkpoint(config, workdir, checkpoint="best"):
+  """(step, params) of a checkpoint of workdir, replicated on the local devices.
 
   checkpoint: "best" (by config.eval.best_metric; the latest if none has metrics), "last", or a
-  step number. Writes eval/metrics.json ({"step", "split", "metrics"}), eval/metrics.md,
-  eval/predictions.npz (predict's arrays, nested names joined by "/": for EK100 row, observed,
-  participant, scores/<head> (R, C), labels/<head> (R,)) and, for EK100 and the synthetic data,
-  eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
-  Raises FileNotFoundError for a workdir without checkpoints and
-  checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any),
-  pipeline.DataError for an example that cannot be read.
+  step number. Points config.data at the workdir's generated data when it has none (the demo).
+  Raises FileNotFoundError for a workdir without checkpoints or an unknown checkpoint, and
+  checkpointing.CheckpointMismatchError for checkpoints of another model.
   """
-  check_config(config)
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory} does not exist: train first with "
@@ -696,14 +691,31 @@ def evaluate(config, workdir, checkpoint="best"):
                             f"steps in {directory}: {manager.all_steps()}")
 
   prepare_data_config(config, workdir)
-  parallel = Parallel()
   model = model_lib.CLAM(config.model)
-  abstract_params = parallel.abstract(param_shapes(
+  abstract_params = Parallel().abstract(param_shapes(
       model, example_inputs(pipeline.make_source(config.data, config.eval.split))))
   checkpointing.check_params(manager, step, abstract_params, config)
   params = checkpointing.restore_params(manager, step, abstract_params)
   manager.close()
+  return step, params
 
+
+def evaluate(config, workdir, checkpoint="best"):
+  """Restores a checkpoint of workdir, evaluates it on config.eval.split and writes workdir/eval/.
+
+  checkpoint: "best" (by config.eval.best_metric; the latest if none has metrics), "last", or a
+  step number. Writes eval/metrics.json ({"step", "split", "metrics"}), eval/metrics.md,
+  eval/predictions.npz (predict's arrays, nested names joined by "/": for EK100 row, observed,
+  participant, scores/<head> (R, C), labels/<head> (R,)) and, for EK100 and the synthetic data,
+  eval/per_class_recall.png. Returns {"step", "metrics", "markdown"}.
+  Raises FileNotFoundError for a workdir without checkpoints and
+  checkpointing.CheckpointMismatchError for checkpoints of another model (before touching any),
+  pipeline.DataError for an example that cannot be read.
+  """
+  check_config(config)
+  step, params = load_checkpoint(config, workdir, checkpoint)
+  parallel = Parallel()
+  model = model_lib.CLAM(config.model)
   predictions = predict(config, params, parallel, parallel.predict_step(model), config.eval.split)
   results = compute_metrics(config, predictions)
   out = os.path.join(workdir, "eval")

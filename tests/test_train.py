@@ -299,3 +299,50 @@ def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
   assert done.returncode != 0
   lines = done.stderr.strip().splitlines()
   assert len(lines) == 1 and "evaluate.py: error:" in lines[0] and "checkpoints" in lines[0], lines
+
+
+def test_stream_video_equals_the_model_on_the_video_so_far(runs):
+  """replay.stream_video (stream.py's library) feeds one validation video frame by frame: after
+  every frame its anticipation is the model's on the whole video so far; segments read the frame
+  of their observation end; an unknown video is named."""
+  from clam_jax import replay
+  from clam_jax.data import pipeline
+  from clam_jax.model import CLAM
+
+  out, _ = runs
+  workdir = os.path.join(out, "full")
+  config = tiny_config()
+  result = replay.stream_video(config, workdir, checkpoint="last")
+  times = result["times"]
+  source = pipeline.make_source(config.data, config.eval.split)
+  ann = source.annotations
+  rows = np.flatnonzero(ann.video_id == result["video_id"])
+  assert result["video_id"] == ann.video_id[0]
+  np.testing.assert_allclose(times, np.arange(1, len(times) + 1) / config.data.fps)
+  assert times[-1] <= ann.stop[rows].max() < times[-1] + 1 / config.data.fps
+  assert result["probabilities"]["action"].shape == (len(times), 10)
+  assert len(result["latency_ms"]) == len(times)
+  _, params = train_lib.load_checkpoint(config, workdir, "last")
+  for t in (0, len(times) // 2, len(times) - 1):
+    features, mask = source.video_features(result["video_id"], times[:t + 1])
+    full = CLAM(config.model).apply({"params": params}, {m: x[None] for m, x in features.items()},
+                                    mask[None], train=False)
+    expected = jax.nn.softmax(full["future"]["action"][0, 0])
+    np.testing.assert_allclose(result["probabilities"]["action"][t], expected, atol=1e-5)
+  assert [s["narration_id"] for s in result["segments"]] == list(ann.narration_id[rows])
+  for segment, row in zip(result["segments"], rows):
+    obs_end = ann.start[row] - config.data.anticipation_seconds
+    if segment["frame"] >= 0:
+      assert times[segment["frame"]] <= obs_end + 1e-6 < times[segment["frame"]] + 1 / config.data.fps
+      top5 = np.argsort(-result["probabilities"]["action"][segment["frame"]])[:5]
+      assert segment["top5"] == top5.tolist()
+    assert segment["hit"] == (segment["action"] in segment["top5"])
+  with pytest.raises(ValueError, match="no_such_video"):
+    replay.stream_video(config, workdir, video_id="no_such_video")
+
+
+def test_cli_stream_without_checkpoints_is_one_line(tmp_path):
+  done = _cli("stream.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "none"))
+  assert done.returncode != 0
+  lines = done.stderr.strip().splitlines()
+  assert len(lines) == 1 and "stream.py: error:" in lines[0] and "checkpoints" in lines[0], lines

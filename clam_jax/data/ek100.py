@@ -322,17 +322,23 @@ class EK100Source:
   def __len__(self):
     return len(self.rows)
 
+  def video_features(self, video_id, times):
+    """The features of video_id at times (n,) seconds: ({modality: (n, dim) float32}, mask (n,)
+    bool: False (and zeros) before the video's first frame)."""
+    frames = frame_index(times)
+    mask = frames >= 1
+    features = {}
+    for modality, dim in self.modalities.items():
+      features[modality] = np.zeros((len(frames), dim), np.float32)
+      features[modality][mask] = self._read(modality, video_id, frames[mask])
+    return features, mask
+
   def __getitem__(self, sample_id):
     ann, row = self.annotations, self.rows[sample_id]
     video_id = ann.video_id[row]
     obs_end = ann.start[row] - self.anticipation_seconds
     times = obs_end - np.arange(self.num_frames - 1, -1, -1) / self.fps
-    frames = frame_index(times)
-    mask = frames >= 1
-    features = {}
-    for modality, dim in self.modalities.items():
-      features[modality] = np.zeros((self.num_frames, dim), np.float32)
-      features[modality][mask] = self._read(modality, video_id, frames[mask])
+    features, mask = self.video_features(video_id, times)
     return {
         "features": features,
         "mask": mask,

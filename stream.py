@@ -1,0 +1,77 @@
+"""Streams one recorded video through a trained CLAM, frame by frame, as live video would arrive.
+
+Usage:
+  python stream.py --config configs/demo.py --workdir runs/demo [--video VIDEO_ID] [--checkpoint=last]
+
+Restores a checkpoint as evaluate.py does, reads one video of config.eval.split (EK100 layout:
+ek100 and the synthetic demo; default: the split's first video) at config.data.fps from its first
+frame to the end of its last annotated segment, and runs the jit-compiled streaming step
+(clam_jax.streaming) on one frame at a time, its state a fixed-size pytree whatever the video's
+length. Prints, for each annotated segment, the 5 most probable actions anticipated at its
+observation end (anticipation_seconds before it starts) next to the true action, then the per-frame
+latency. Writes WORKDIR/stream/<video>.npz (times (n,), probabilities/<head> (n, C): the
+anticipated distribution after every frame) and <video>.json (the segments and latency summary).
+Errors (no checkpoint, a model that does not match the config, an unknown video, unreadable
+features) exit with status 1 and one line; --verbosity=1 adds the traceback.
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+import numpy as np
+
+from clam_jax import replay
+from clam_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file the run was trained with; fields overridable as in train.py.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_VIDEO = flags.DEFINE_string("video", None, "A video id of config.eval.split (default: its first).")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "'best' (by config.eval.best_metric), 'last', or a step number.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
+  try:
+    result = replay.stream_video(_CONFIG.value, _WORKDIR.value, _VIDEO.value, _CHECKPOINT.value)
+  except train_lib.USER_ERRORS + (ValueError,) as e:
+    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
+    sys.exit(f"stream.py: error: {e}")
+  video, segments, latency = result["video_id"], result["segments"], result["latency_ms"]
+  print(f"video {video}: {len(result['times'])} frames at {_CONFIG.value.data.fps:g} fps, "
+        f"checkpoint step {result['step']}")
+  for segment in segments:
+    seen = (f"after frame {segment['frame'] + 1}: top-5 {segment['top5']}" if segment["frame"] >= 0
+            else "before the first frame: no anticipation")
+    print(f"  {segment['narration_id']} (starts {segment['start']:.2f} s, action "
+          f"{segment['action']}) {seen}{'  HIT' if segment['hit'] else ''}")
+  steady = latency[1:] if len(latency) > 1 else latency
+  summary = dict(video_id=video, step=result["step"], frames=len(result["times"]),
+                 hits=sum(s["hit"] for s in segments), segments=segments,
+                 first_step_ms=float(latency[0]), median_step_ms=float(np.median(steady)),
+                 p90_step_ms=float(np.percentile(steady, 90)))
+  print(f"top-5 hits: {summary['hits']} of {len(segments)} segments; per frame: median "
+        f"{summary['median_step_ms']:.3f} ms, p90 {summary['p90_step_ms']:.3f} ms (first, "
+        f"compiling: {summary['first_step_ms']:.0f} ms)")
+  out = os.path.join(_WORKDIR.value, "stream")
+  os.makedirs(out, exist_ok=True)
+  np.savez(os.path.join(out, f"{video}.npz"), times=result["times"],
+           **{f"probabilities/{head}": p for head, p in result["probabilities"].items()})
+  with open(os.path.join(out, f"{video}.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  print(f"wrote {out}/{video}.npz and .json")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=train_lib.parse_flags)
