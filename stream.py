@@ -10,7 +10,8 @@ frame to the end of its last annotated segment, and runs the jit-compiled stream
 length. Prints, for each annotated segment, the 5 most probable actions anticipated at its
 observation end (anticipation_seconds before it starts) next to the true action, then the per-frame
 latency. Writes WORKDIR/stream/<video>.npz (times (n,), probabilities/<head> (n, C): the
-anticipated distribution after every frame) and <video>.json (the segments and latency summary).
+anticipated distribution after every frame), <video>.json (the segments and latency summary) and
+<video>.png (the probability of the upcoming action over time, and the per-frame latency).
 Errors (no checkpoint, a model that does not match the config, an unknown video, unreadable
 features) exit with status 1 and one line; --verbosity=1 adds the traceback.
 """
@@ -70,7 +71,8 @@ def main(argv):
            **{f"probabilities/{head}": p for head, p in result["probabilities"].items()})
   with open(os.path.join(out, f"{video}.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(f"wrote {out}/{video}.npz and .json")
+  replay.plot(result, _CONFIG.value.data.anticipation_seconds, os.path.join(out, f"{video}.png"))
+  print(f"wrote {out}/{video}.npz, .json and .png")
 
 
 if __name__ == "__main__":

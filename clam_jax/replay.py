@@ -13,7 +13,11 @@ observation end (start - anticipation_seconds).
 import time
 
 import jax
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from clam_jax import streaming
 from clam_jax import train_lib
@@ -77,3 +81,37 @@ def stream_video(config, workdir, video_id=None, checkpoint="best"):
                          hit=int(ann.action[row]) in top5))
   return dict(step=step, video_id=video_id, times=times, probabilities=probabilities,
               segments=segments, latency_ms=np.array(latency))
+
+
+def plot(result, anticipation_seconds, path):
+  """Writes a PNG of a stream_video result: after every frame t, the probability given to the
+  action of the next segment starting at least anticipation_seconds later (what the model should
+  anticipate then) and the top-1 probability, with each segment's start (dotted) and its
+  observation-end read-out (green: in the top-5, red: not); below, the latency of every step."""
+  times, probabilities = result["times"], result["probabilities"]["action"]
+  segments = result["segments"]
+  starts = np.array([s["start"] for s in segments])
+  actions = np.array([s["action"] for s in segments])
+  upcoming = np.searchsorted(starts, times + anticipation_seconds - 1e-6)
+  ahead = upcoming < len(segments)
+  target = np.full(len(times), np.nan)
+  target[ahead] = probabilities[np.flatnonzero(ahead), actions[upcoming[ahead]]]
+  fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 5), sharex=True,
+                                    gridspec_kw=dict(height_ratios=(3, 1)))
+  top.plot(times, target, label="p(next action)")
+  top.plot(times, probabilities.max(axis=1), color="0.6", linewidth=0.8, label="top-1 p")
+  for segment in segments:
+    top.axvline(segment["start"], color="0.8", linestyle=":", linewidth=0.8)
+    if segment["frame"] >= 0:
+      t = times[segment["frame"]]
+      top.plot(t, probabilities[segment["frame"], segment["action"]], "o",
+               color="tab:green" if segment["hit"] else "tab:red", markersize=4)
+  top.set(ylabel="probability", ylim=(0, 1),
+          title=f"{result['video_id']}: {sum(s['hit'] for s in segments)} of {len(segments)} "
+                f"segments anticipated in the top-5 (step {result['step']})")
+  top.legend(fontsize="small", loc="upper right")
+  bottom.semilogy(times, result["latency_ms"], linewidth=0.8)
+  bottom.set(xlabel="video time (s)", ylabel="step (ms)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

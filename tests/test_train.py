@@ -301,7 +301,7 @@ def test_cli_evaluate_without_checkpoints_is_one_line(tmp_path):
   assert len(lines) == 1 and "evaluate.py: error:" in lines[0] and "checkpoints" in lines[0], lines
 
 
-def test_stream_video_equals_the_model_on_the_video_so_far(runs):
+def test_stream_video_equals_the_model_on_the_video_so_far(runs, tmp_path):
   """replay.stream_video (stream.py's library) feeds one validation video frame by frame: after
   every frame its anticipation is the model's on the whole video so far; segments read the frame
   of their observation end; an unknown video is named."""
@@ -337,6 +337,9 @@ def test_stream_video_equals_the_model_on_the_video_so_far(runs):
       top5 = np.argsort(-result["probabilities"]["action"][segment["frame"]])[:5]
       assert segment["top5"] == top5.tolist()
     assert segment["hit"] == (segment["action"] in segment["top5"])
+  replay.plot(result, config.data.anticipation_seconds, tmp_path / "stream.png")
+  with open(tmp_path / "stream.png", "rb") as f:
+    assert f.read(4) == b"\x89PNG"
   with pytest.raises(ValueError, match="no_such_video"):
     replay.stream_video(config, workdir, video_id="no_such_video")
 
