@@ -15,7 +15,8 @@ separate normalisation. For batch 1: at batch B every stream re-reads the weight
 streaming.stream_step there).
 
 Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
-F = 1 future query (the EK100, Ego4D and THUMOS configs); `check_fused_config` names what is not.
+power-of-two N act-tokens, M memory tokens and F future queries (the EK100 and THUMOS configs, not
+Ego4D's F = 20); `check_fused_config` names what is not.
 Weights are in config.dtype; outputs equal stream_step's up to the compute dtype's rounding
 (float32: ~1e-6).
 """
@@ -44,12 +45,9 @@ def check_fused_config(model_config):
                      f"{config.processor!r} (use streaming.make_stream_step)")
   if config.memory and config.memory_normalize:
     raise ValueError("the fused step needs config.model.memory_normalize=False")
-  if config.future_queries != 1:
-    raise ValueError(f"the fused step needs config.model.future_queries=1, found "
-                     f"{config.future_queries}")
   if config.act_token_selection != "fifo":
     raise ValueError("config.model.act_token_selection must be 'fifo' to stream")
-  for field in ("num_act_tokens", "memory_tokens"):
+  for field in ("num_act_tokens", "memory_tokens", "future_queries"):
     if not (config[field] & (config[field] - 1) == 0):
       raise ValueError(f"the fused step needs config.model.{field} to be a power of two, found "
                        f"{config[field]}")
@@ -201,9 +199,16 @@ def _predictor(config, fused, context, mask):
                             norm=fused.get("context_norm"), norm_from_row=config.num_act_tokens)
   x, norm = fused["targets"], None
   for i, layer in enumerate(fused["layers"]):
-    if i:
+    if "self_value_out" in layer:  # F = 1: a query attends to itself alone (merge_projections)
       x = fused_dense(x, layer["self_value_out"]["weight"], layer["self_value_out"]["bias"],
                       norm=norm, residual=x, residual_norm=norm)
+    elif i:  # the positions are folded into the qkv bias rows
+      qkv = fused_dense(x, layer["self_qkv"]["weight"], layer["self_qkv"]["bias"], norm=norm)
+      attended = small_attention(qkv, qkv, qkv, num_heads=heads, width=config.d_model,
+                                 column_blocks=(0, 1, 2))
+      x = fused_dense(attended, layer["self_out"]["weight"], layer["self_out"]["bias"],
+                      residual=x, residual_norm=norm)
+    if i:
       norm = _norm(layer["self_attention_norm"])
       query = fused_dense(x, layer["cross_query"]["weight"], layer["cross_query"]["bias"],
                           norm=norm)
