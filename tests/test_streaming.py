@@ -144,10 +144,12 @@ def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
   # Layer 0 of the memory (self-attention of the learned queries) and of the predictor
   # (self-attention of zero targets) run once in prepare_stream_params, not in every step.
   assert 0 < fast["total"] <= raw["total"] - 10, (raw, fast)
-  # The exported step takes prepared params as well.
+  # The exported step takes prepared params as well. (Against the jitted step: the op-by-op one
+  # rounds differently, 1.3e-6 apart on one CI run's random inputs.)
   prepared = prepare_stream_params(params, config)
   exported = jax.export.export(jax.jit(step))(prepared, initial, frame)
-  assert max_rel_err(exported.call(prepared, initial, frame), step(prepared, initial, frame)) <= 1e-6
+  assert max_rel_err(exported.call(prepared, initial, frame),
+                     jax.jit(step)(prepared, initial, frame)) <= 1e-6
 
 
 def test_kernel_count_reads_hlo():
