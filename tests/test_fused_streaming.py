@@ -2,8 +2,6 @@
 the same states and logits as streaming.stream_step at every frame, in float32 and within the
 rounding of bfloat16; the whole EK100 step lowers through Triton; unsupported configs are named."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from clam_jax.fused_streaming import make_fused_stream_step, prepare_fused_param
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
 from configs import ek100
-from helpers import max_rel_err, model_config
+from helpers import lower_for_h100, max_rel_err, model_config, random_params
 
 MODALITIES = {"rgb": 32, "flow": 16}
 B, T = 2, 6
@@ -23,15 +21,6 @@ def _config(**overrides):
   fields = dict(modalities=MODALITIES, num_act_tokens=4, future_queries=1, predictor_layers=2,
                 processor_layers=2, heads={"verb": 7, "noun": 11, "action": 13})
   return model_config(**{**fields, **overrides})
-
-
-def _params(config):
-  """Random params (not the init: random norms, biases and type embeddings)."""
-  features = {m: np.ones((1, 2, d), np.float32) for m, d in MODALITIES.items()}
-  shapes = jax.eval_shape(functools.partial(CLAM(config).init, train=False), jax.random.key(0),
-                          features, np.ones((1, 2), bool))["params"]
-  rng = np.random.default_rng(1)
-  return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
 
 
 def _run(step, params, config, frames):
@@ -53,7 +42,7 @@ def _frames(rng):
 ], ids=["two_memory_layers", "one_memory_layer_elu1", "no_memory", "four_future_queries"])
 def test_fused_step_equals_stream_step_float32(overrides):
   config = _config(**overrides)
-  params = _params(config)
+  params = random_params(config, MODALITIES)
   frames = _frames(np.random.default_rng())
   ref_state, ref = _run(make_stream_step(config), prepare_stream_params(params, config), config,
                         frames)
@@ -96,17 +85,7 @@ def test_ek100_fused_step_lowers_through_triton(monkeypatch):
   fused = jax.eval_shape(lambda p: prepare_fused_params(p, config), params)
   state = jax.eval_shape(lambda: init_stream_state(config, 1))
   frame = {"rgb": jax.ShapeDtypeStruct((1, 1024), jnp.float32)}
-  h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                     platform="gpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
-  with jax.sharding.use_abstract_mesh(mesh):
-    try:
-      text = jax.jit(make_fused_stream_step(config)).trace(fused, state, frame).lower(
-          lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:
-      if "No supported GPU devices found" in str(e):
-        pytest.skip(f"this JAX cannot lower Triton kernels without a GPU: {e}")
-      raise
+  text = lower_for_h100(make_fused_stream_step(config), fused, state, frame)
   assert "__gpu$xla.gpu.triton" in text
   for kernel in ("fused_dense", "small_attention", "mamba_in_conv", "mamba_scan_gate",
                  "memory_update", "memory_readout"):

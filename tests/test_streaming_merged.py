@@ -3,8 +3,6 @@ configs that take each branch (F = 1 and F > 1 after the first predictor layer, 
 layers, memory off, normalised elu1 memory, no type embeddings), one product per merged group,
 and fewer kernels than before the merge."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,22 +10,14 @@ import pytest
 
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
-from helpers import MODALITIES, load_streaming_benchmark, max_rel_err, model_config
+from helpers import (MODALITIES, load_streaming_benchmark, max_rel_err, model_config,
+                     random_params)
 
 streaming_benchmark = load_streaming_benchmark()
 
 B, T = 2, 9
 # EK100's layout at a small width: F = 1, two predictor and memory layers, three heads.
 EK100_LIKE = dict(future_queries=1, predictor_layers=2, heads={"verb": 7, "noun": 11, "action": 13})
-
-
-def _params(config):
-  """Random params (not the init: random norms, biases and type embeddings exercise the folds)."""
-  features = {m: np.ones((1, 2, d), np.float32) for m, d in MODALITIES.items()}
-  shapes = jax.eval_shape(functools.partial(CLAM(config).init, train=False), jax.random.key(0),
-                          features, np.ones((1, 2), bool))["params"]
-  rng = np.random.default_rng(1)
-  return jax.tree.map(lambda s: 0.5 * rng.standard_normal(s.shape).astype(s.dtype), shapes)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -38,7 +28,7 @@ def _params(config):
 ], ids=["ek100_like", "f3_one_memory_layer_elu1", "no_memory"])
 def test_merged_step_equals_raw_step_and_forward(overrides):
   config = model_config(**overrides)
-  params = _params(config)
+  params = random_params(config)
   step = make_stream_step(config)
   rng = np.random.default_rng()
   x = {m: rng.standard_normal((B, T, d)).astype(np.float32) for m, d in MODALITIES.items()}
@@ -57,7 +47,7 @@ def test_merged_step_equals_raw_step_and_forward(overrides):
 
 def test_merged_step_runs_one_product_per_merged_group():
   config = model_config(**EK100_LIKE)
-  params = _params(config)
+  params = random_params(config)
   step = make_stream_step(config)
   state = init_stream_state(config, B)
   frame = {m: np.ones((B, d), np.float32) for m, d in MODALITIES.items()}
@@ -77,7 +67,7 @@ def test_merged_step_runs_one_product_per_merged_group():
 @pytest.mark.parametrize("cast", [False, True])
 def test_merged_step_has_far_fewer_kernels(cast):
   config = model_config(**EK100_LIKE, dtype="bfloat16" if cast else "float32")
-  params = _params(config)
+  params = random_params(config)
   step = make_stream_step(config)
   state = init_stream_state(config, B)
   frame = {m: np.ones((B, d), np.float32) for m, d in MODALITIES.items()}
