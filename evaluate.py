@@ -14,35 +14,16 @@ and nothing is written. These and data errors (an example that cannot be read: t
 is named) exit with status 1 and one line; --verbosity=1 adds the traceback.
 """
 
-import sys
-
 from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
 
 from clam_jax import train_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file the run was trained with; fields overridable as in train.py.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "best", "'best' (by config.eval.best_metric), 'last', or a step number.")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG, _WORKDIR, _CHECKPOINT = train_lib.define_saved_run_flags()
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; --verbosity=0 brings that back.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    report = train_lib.evaluate(_CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value)
-  except train_lib.USER_ERRORS as e:
-    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
-    sys.exit(f"evaluate.py: error: {e}")
+  report = train_lib.run_command(argv, lambda: train_lib.evaluate(
+      _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value))
   print(report["markdown"])
 
 

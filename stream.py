@@ -18,37 +18,23 @@ features) exit with status 1 and one line; --verbosity=1 adds the traceback.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
-from ml_collections import config_flags
 import numpy as np
 
 from clam_jax import replay
 from clam_jax import train_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file the run was trained with; fields overridable as in train.py.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_CONFIG, _WORKDIR, _CHECKPOINT = train_lib.define_saved_run_flags()
 _VIDEO = flags.DEFINE_string("video", None, "A video id of config.eval.split (default: its first).")
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "best", "'best' (by config.eval.best_metric), 'last', or a step number.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint operation at INFO
-  try:
-    result = replay.stream_video(_CONFIG.value, _WORKDIR.value, _VIDEO.value, _CHECKPOINT.value)
-  except train_lib.USER_ERRORS + (ValueError,) as e:
-    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
-    sys.exit(f"stream.py: error: {e}")
+  result = train_lib.run_command(
+      argv, lambda: replay.stream_video(_CONFIG.value, _WORKDIR.value, _VIDEO.value,
+                                        _CHECKPOINT.value),
+      errors=train_lib.USER_ERRORS + (ValueError,))
   video, segments, latency = result["video_id"], result["segments"], result["latency_ms"]
   print(f"video {video}: {len(result['times'])} frames at {_CONFIG.value.data.fps:g} fps, "
         f"checkpoint step {result['step']}")

@@ -20,11 +20,8 @@ status 1 and one line naming the example, the file/key/field and the latest chec
 rerun resumes from; --verbosity=1 adds the traceback.
 """
 
-import sys
-
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from clam_jax import train_lib
@@ -38,16 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; --verbosity=0 brings that back.
-    logging.set_verbosity(logging.WARNING)
-  try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except train_lib.USER_ERRORS as e:
-    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
-    sys.exit(f"train.py: error: {e}")
+  train_lib.run_command(argv, lambda: train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value))
 
 
 if __name__ == "__main__":

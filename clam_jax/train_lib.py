@@ -32,7 +32,9 @@ import matplotlib
 import numpy as np
 import optax
 import tqdm
+from ml_collections import config_flags
 from absl import app
+from absl import flags
 from absl import logging
 from flax.training import train_state
 
@@ -795,6 +797,35 @@ def plot_per_class_recall(predictions, path):
 
 USER_ERRORS = (ConfigError, NonFiniteError, checkpointing.CheckpointMismatchError,
                checkpointing.WorkdirBusyError, FileNotFoundError, pipeline.DataError)
+
+
+def define_saved_run_flags():
+  """Defines the --config, --workdir (both required) and --checkpoint flags of a script that reads
+  a trained run (evaluate.py, stream.py); returns their (config, workdir, checkpoint) holders."""
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Config file the run was trained with; fields overridable as in train.py.",
+      lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+  checkpoint = flags.DEFINE_string(
+      "checkpoint", "best", "'best' (by config.eval.best_metric), 'last', or a step number.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  return config, workdir, checkpoint
+
+
+def run_command(argv, work, errors=USER_ERRORS):
+  """A script's main(argv) around work(): no positional arguments; Orbax's INFO logs off unless
+  --verbosity is given; an error a user can act on (one of errors) ends the program with one line
+  `<script>: error: ...` and exit status 1 (--verbosity=1 adds the traceback). Returns work()."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint operation at INFO; --verbosity=0 brings that back.
+    logging.set_verbosity(logging.WARNING)
+  try:
+    return work()
+  except errors as e:
+    logging.debug("traceback of the error:", exc_info=True)  # shown with --verbosity=1
+    sys.exit(f"{os.path.basename(argv[0])}: error: {e}")
 
 
 def parse_flags(argv):
