@@ -21,13 +21,13 @@ Weights are in config.dtype; outputs equal stream_step's up to the compute dtype
 (float32: ~1e-6).
 """
 
-import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from clam_jax import streaming
 from clam_jax.processor import _NORM_EPS
+from pallas import checks
 from pallas.fused_dense import Norm, fused_dense
 from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj
 from pallas.memory_step import memory_readout, memory_update
@@ -48,7 +48,7 @@ def check_fused_config(model_config):
   if config.act_token_selection != "fifo":
     raise ValueError("config.model.act_token_selection must be 'fifo' to stream")
   for field in ("num_act_tokens", "memory_tokens", "future_queries"):
-    if not (config[field] & (config[field] - 1) == 0):
+    if not checks.is_power_of_two(config[field]):
       raise ValueError(f"the fused step needs config.model.{field} to be a power of two, found "
                        f"{config[field]}")
 
@@ -241,9 +241,8 @@ def fused_stream_step(model_config, fused, state, features_t):
                     projection["bias"], residual=x)
   x = x.astype(dtype)
   processor_state, h = _processor(config, fused["processor"], state["processor"], x)
-  scale = fused["processor"]["final_norm"]["scale"].astype(jnp.float32)
-  act = (h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + _NORM_EPS)
-         * scale).astype(dtype)                                          # (B, 1, D)
+  act = nn.RMSNorm(_NORM_EPS, dtype=dtype).apply(                         # (B, 1, D)
+      {"params": fused["processor"]["final_norm"]}, h)
   tokens = jnp.concatenate([state["act_tokens"][:, 1:], act], axis=1)
   b = act.shape[0]
   mask = jnp.concatenate([state["act_mask"][:, 1:], jnp.ones((b, 1), bool)], axis=1)

@@ -4,6 +4,11 @@ import jax
 import numpy as np
 
 
+def is_power_of_two(n):
+  """Whether n is 1, 2, 4, ...: Triton's tiles have power-of-two sides."""
+  return n >= 1 and not n & (n - 1)
+
+
 def _shape(x):
   return tuple(x.shape)
 

@@ -23,6 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas import checks
+
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
 # Elements of an elementwise accumulator tile per program: 64 float32 registers a thread at 4 warps.
@@ -37,10 +39,6 @@ class Norm(NamedTuple):
   scale: jax.Array | None = None
   bias: jax.Array | None = None
   eps: float = 1e-6
-
-
-def _is_power_of_two(n):
-  return n >= 1 and not n & (n - 1)
 
 
 def _row_stats(ref, kind, eps, block_k):
@@ -226,7 +224,7 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
     raise ValueError(f"weight must have shape (N, K) with K = {k} from x {x.shape}, got "
                      f"{weight.shape}")
   n = weight.shape[0]
-  if not _is_power_of_two(r) or r > 64:
+  if not checks.is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
   block_n = _fit(block_n or _MIN_DOT_DIM, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM

@@ -20,18 +20,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas import checks
+
 # Elements of one broadcast product per loop iteration: about 32 float32 values a thread at 4
 # warps, so the (chunk, block_c) weight tiles stay in registers.
 _MAX_TILE = 4096
 _NUM_STAGES = 1
 
 
-def _is_power_of_two(n):
-  return n >= 1 and n & (n - 1) == 0
-
-
 def _check_block_c(block_c, d_inner):
-  if not _is_power_of_two(block_c) or d_inner % block_c:
+  if not checks.is_power_of_two(block_c) or d_inner % block_c:
     raise ValueError(f"block_c must be a power of two (Triton tiles have power-of-two sides) "
                      f"dividing Di = {d_inner}, got {block_c}")
 
@@ -64,7 +62,7 @@ def pack_x_proj(x_kernel, dt_kernel, *, dt_rank, d_state):
   their inputs' dtypes. The zero rows of dt_packed meet the zero columns of x_packed, so dt_proj's
   product is unchanged. d_state must be a power of two.
   """
-  if not _is_power_of_two(d_state):
+  if not checks.is_power_of_two(d_state):
     raise ValueError(f"d_state must be a power of two, got {d_state}")
   d_inner = x_kernel.shape[0]
   if x_kernel.shape != (d_inner, dt_rank + 2 * d_state):
@@ -153,7 +151,7 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
                      f"(d_conv, Di), (Di,) = {(b, d_conv - 1, d_inner)}, {(d_conv, d_inner)}, "
                      f"{(d_inner,)}, got {tuple(conv_state.shape)}, {tuple(conv_kernel.shape)}, "
                      f"{tuple(conv_bias.shape)}")
-  if x_packed.shape[0] != d_inner or not _is_power_of_two(p):
+  if x_packed.shape[0] != d_inner or not checks.is_power_of_two(p):
     raise ValueError(f"x_packed must have shape (Di, P) with Di = {d_inner} and P a power of two "
                      f"(see pack_x_proj), got {tuple(x_packed.shape)}")
   _check_block_c(block_c, d_inner)
@@ -234,9 +232,9 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
   """
   b, num_blocks, p = x_partial.shape
   r, d_inner = dt_packed.shape
-  if not _is_power_of_two(d_state):
+  if not checks.is_power_of_two(d_state):
     raise ValueError(f"d_state must be a power of two, got {d_state}")
-  if not _is_power_of_two(r) or not _is_power_of_two(p) or r + 2 * d_state > p:
+  if not checks.is_power_of_two(r) or not checks.is_power_of_two(p) or r + 2 * d_state > p:
     raise ValueError(f"dt_packed (R, Di) and x_partial (B, num_blocks, P) need powers of two R and "
                      f"P with R + 2 d_state <= P (see pack_x_proj), got {tuple(dt_packed.shape)} "
                      f"and {tuple(x_partial.shape)} with d_state = {d_state}")

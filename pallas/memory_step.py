@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas import checks
+
 FEATURE_MAPS = ("identity", "elu1")
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
@@ -35,13 +37,13 @@ def _shape(x):
 
 def _check_power_of_two(name, dim_name, size, shape):
   # Triton loads only power-of-two blocks; padding here would cost a copy per frame.
-  if size < 1 or size & (size - 1):
+  if not checks.is_power_of_two(size):
     raise ValueError(f"{name}: {dim_name} = {size} must be a power of two, got shape {shape}")
 
 
 def _block_v(block_v, dv):
   """block_v checked (a power of two, like every Triton block) and capped at DV."""
-  if block_v < 1 or block_v & (block_v - 1):
+  if not checks.is_power_of_two(block_v):
     raise ValueError(f"block_v must be a power of two, got {block_v}")
   return min(block_v, dv)
 

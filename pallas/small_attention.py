@@ -17,12 +17,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas import checks
+
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
-
-
-def _is_power_of_two(n):
-  return n >= 1 and not n & (n - 1)
 
 
 def _kernel(*refs, has_mask, scale, use_dot, precision):
@@ -73,7 +71,7 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
   if v.shape[:2] != (b, num_keys):
     raise ValueError(f"v must have k's leading shape {(b, num_keys)}, got {v.shape}")
   for name, size in (("Q", num_queries), ("K", num_keys), ("dh", head_dim)):
-    if not _is_power_of_two(size):
+    if not checks.is_power_of_two(size):
       raise ValueError(f"small_attention needs powers of two: {name} = {size}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
