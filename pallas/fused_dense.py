@@ -213,8 +213,8 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
   norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
   smallest tl.dot tile). On an H200 at batch 1, block_n 8 ran an isolated chain of 1024 x 4096
-  layers 1.4x faster than 16, but the EK100 step 1.2x slower when every R < 16 product used it
-  (see benchmarks/RESULTS.md); interpret: Pallas interpret mode
+  layers 1.4x faster than 16, but with every R < 16 product at 8 the EK100 step took 1.43x the
+  XLA step's time in its run, against 1.19x at 16 (see benchmarks/RESULTS.md); interpret: Pallas interpret mode
   (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
