@@ -27,8 +27,8 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
-# Elements of an elementwise accumulator tile per program: 64 float32 registers a thread at 4 warps.
-_MAX_TILE = 8192
+# Elements of an elementwise accumulator tile per warp: 64 float32 registers a thread.
+_TILE_PER_WARP = 2048
 
 
 class Norm(NamedTuple):
@@ -66,7 +66,7 @@ def _normalize(x, stats, scale_ref, bias_ref, start, size):
 
 
 def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation, block_k,
-            use_dot, precision):
+            use_dot, precision, pipelined):
   refs = dict(zip(layout, refs))
   x_ref, w_ref, out_ref = refs["x"], refs["weight"], refs["out"]
   num_rows, block_n = out_ref.shape
@@ -75,11 +75,7 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   stats = (None if input_norm is None
            else _row_stats(x_ref, input_norm.kind, input_norm.eps, block_k))
 
-  # Unrolled over K so that the loads of every chunk are in flight at once (at batch 1 a program
-  # is latency-bound). Without tl.dot the products accumulate elementwise in an (R, block_n,
-  # block_k) tile, reduced once at the end rather than once per chunk.
-  acc = jnp.zeros((num_rows, block_n) if use_dot else (num_rows, block_n, block_k), jnp.float32)
-  for start in range(0, x_ref.shape[-1], block_k):
+  def chunk(start, acc):
     x = x_ref[:, pl.ds(start, block_k)]
     if input_norm is not None:
       normed = _normalize(x.astype(jnp.float32), stats, refs.get("norm_scale"),
@@ -89,9 +85,19 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
     x = x.astype(dtype)
     w = w_ref[:, pl.ds(start, block_k)]
     if use_dot:
-      acc = acc + _dot_transposed(x, w, precision)
-    else:
-      acc = acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None]
+      return acc + _dot_transposed(x, w, precision)
+    return acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None]
+
+  # Without tl.dot the products accumulate elementwise in an (R, block_n, block_k) tile, reduced
+  # once at the end rather than once per chunk.
+  acc = jnp.zeros((num_rows, block_n) if use_dot else (num_rows, block_n, block_k), jnp.float32)
+  num_chunks = x_ref.shape[-1] // block_k
+  if pipelined:  # Triton's software pipeline keeps num_stages chunks' loads in flight
+    acc = lax.fori_loop(
+        0, num_chunks, lambda c, acc: chunk(pl.multiple_of(c * block_k, block_k), acc), acc)
+  else:  # unrolled: every chunk's loads in flight at once (at batch 1 a program is latency-bound)
+    for c in range(num_chunks):
+      acc = chunk(c * block_k, acc)
   if not use_dot:
     acc = jnp.sum(acc, axis=2)
   _store(acc, refs, activation, residual_norm)
@@ -165,7 +171,7 @@ class _Operands:
       self.add("residual", residual, (None, r, n), lambda j, i: (index(i), 0, 0))
       self.add_norm("residual", residual_norm, n)
 
-  def call(self, body, *, grid, out_shape, block_n, num_warps, interpret, name):
+  def call(self, body, *, grid, out_shape, block_n, num_warps, num_stages, interpret, name):
     b, r, _ = out_shape.shape
     if interpret is None:
       interpret = jax.default_backend() != "gpu"
@@ -175,7 +181,7 @@ class _Operands:
         in_specs=self.specs,
         out_specs=pl.BlockSpec((None, r, block_n), lambda j, i: (i, 0, j)),
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
     )(*self.arrays)
@@ -196,7 +202,7 @@ def _fit(block, dim):
 
 def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
                 residual=None, residual_norm=None, block_n=None, block_k=512, num_warps=4,
-                interpret=None):
+                num_stages=None, interpret=None):
   """act(norm(x) @ weight.T + bias), rounded to weight's dtype, plus an optional (normalised)
   residual.
 
@@ -214,8 +220,10 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
   smallest tl.dot tile). On an H200 at batch 1, block_n 8 ran an isolated chain of 1024 x 4096
   layers 1.4x faster than 16, but with every R < 16 product at 8 the EK100 step took 1.43x the
-  XLA step's time in its run, against 1.19x at 16 (see benchmarks/RESULTS.md); interpret: Pallas interpret mode
-  (default: off on GPU, on elsewhere).
+  XLA step's time in its run, against 1.19x at 16 (see benchmarks/RESULTS.md).
+  num_warps: Triton warps per program; num_stages: None unrolls the K loop (every chunk's loads
+  issued at once), an int runs it as a loop that Triton software-pipelines over that many stages.
+  interpret: Pallas interpret mode (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
     raise ValueError(f"x must have shape (B, R, K), got {x.shape}")
@@ -229,7 +237,7 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   block_n = _fit(block_n or _MIN_DOT_DIM, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
-    block_k = min(block_k, max(_MAX_TILE // (r * block_n), 1))
+    block_k = min(block_k, max(_TILE_PER_WARP * num_warps // (r * block_n), 1))
   block_k = _fit(block_k, k)
   use_dot = use_dot and block_k >= _MIN_DOT_DIM
   if activation not in (None, "relu"):
@@ -244,11 +252,15 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   body = functools.partial(
       _kernel, input_norm=norm, residual_norm=residual_norm, norm_from_row=norm_from_row,
       activation=activation, block_k=block_k, use_dot=use_dot,
-      precision=_precision(weight.dtype))
+      precision=_precision(weight.dtype), pipelined=num_stages is not None)
+  # Named by shape and blocks, so that kernels can be told apart in profiler traces.
+  name = f"fused_dense_r{r}_k{k}_n{n}_b{block_n}x{block_k}_w{num_warps}"
+  if num_stages is not None:
+    name += f"_s{num_stages}"
   return operands.call(body, grid=(n // block_n, b),
                        out_shape=jax.ShapeDtypeStruct((b, r, n), out_dtype), block_n=block_n,
-                       num_warps=num_warps, interpret=interpret,
-                       name=f"fused_dense_r{r}_k{k}_n{n}")  # shapes: kernels tell apart in traces
+                       num_warps=num_warps, num_stages=num_stages or 1, interpret=interpret,
+                       name=name)
 
 
 def _dot_transposed(a, b, precision):

@@ -181,7 +181,7 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
       input_output_aliases={4: 2},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
       interpret=_interpret(interpret),
-      name="mamba_in_conv",
+      name=f"mamba_in_conv_c{block_c}_w{num_warps}",  # blocks: told apart in traces
   )(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_weight, in_weight,
     conv_state.astype(jnp.float32), conv_kernel.astype(jnp.float32),
     conv_bias.astype(jnp.float32), x_packed.astype(cdt))
@@ -264,7 +264,7 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
       input_output_aliases={5: 1},
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
       interpret=_interpret(interpret),
-      name="mamba_scan_gate",
+      name=f"mamba_scan_gate_c{block_c}_w{num_warps}",
   )(x_partial.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32), A.astype(jnp.float32),
     D.astype(jnp.float32), ssm_state.astype(jnp.float32), u.astype(cdt), z.astype(cdt))
 

@@ -1,5 +1,5 @@
 """pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts taking both
-the elementwise and the tl.dot paths, widths that are not multiples of the blocks, row-wise and
+the elementwise and the tl.dot paths, the K loop unrolled and pipelined, widths that are not multiples of the blocks, row-wise and
 per-row biases, partial-row norms and normalised residuals; the reference against float64
 arithmetic and Flax's own LayerNorm / RMSNorm."""
 
@@ -26,7 +26,8 @@ def _norm(rng, kind, size, affine=True):
     (1, 2, 128, 192, jnp.bfloat16),
     (2, 32, 64, 64, jnp.bfloat16),
 ])
-def test_fused_dense_matches_reference(b, r, k, n, dtype):
+@pytest.mark.parametrize("num_stages", [None, 2])  # K loop unrolled / a pipelined loop
+def test_fused_dense_matches_reference(b, r, k, n, dtype, num_stages):
   rng = np.random.default_rng()
   x = jnp.asarray(2 * rng.standard_normal((b, r, k)) + 0.5, jnp.float32)
   weight = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
@@ -41,7 +42,8 @@ def test_fused_dense_matches_reference(b, r, k, n, dtype):
       dict(norm=_norm(rng, "layer", k, affine=False),
            residual=jnp.broadcast_to(residual, (b, r, n))),
   ):
-    out = fused_dense(x, weight, block_n=32, block_k=32, interpret=True, **kwargs)
+    out = fused_dense(x, weight, block_n=32, block_k=32, num_stages=num_stages, interpret=True,
+                      **kwargs)
     ref = fused_dense_reference(x, weight, **kwargs)
     assert out.dtype == ref.dtype == (jnp.float32 if "residual" in kwargs else dtype)
     assert rel_err(out, ref) <= tolerance, sorted(kwargs)
