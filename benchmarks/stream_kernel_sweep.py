@@ -5,12 +5,13 @@ Usage (GPU):  python benchmarks/stream_kernel_sweep.py [--out results/stream_ker
               script: no kernels in a CPU trace, so it reports that and exits 1)
 
 For every product shape (rows R, K, N) of the EK100 fused step (clam_jax.fused_streaming) each
-fused_dense candidate (block_n, block_k, num_warps, num_stages) runs on `copies` distinct bf16
-weights (>= 64 MB in all: more than the 50 MB L2, as in the step, whose 168 MB of weights stream
-from HBM every frame), 3 times, under jax.profiler.trace. Its kernel's median duration comes from
-the trace (kernels are named by shape and blocks), in us and in weight bandwidth (GB/s). XLA: the
-same product in jnp (bf16 inputs, float32 accumulation, bias), its kernels' summed time per
-product. The Mamba kernels (mamba_in_conv, mamba_scan_gate) are swept over block_c and num_warps
+fused_dense candidate (block_n, block_k, num_warps, num_stages, split_k) runs on `copies` distinct
+bf16 weights (>= 128 MB in all: well beyond the 50 MB L2, as in the step, whose 168 MB of weights
+stream from HBM every frame), twice, under jax.profiler.trace. Reported per product: the summed
+time of every kernel in the trace (with K split, XLA's sum of the partials and the bias
+included), in us and in weight bandwidth (GB/s), and the median launch of the Pallas kernel
+itself. XLA: the same product in jnp (bf16 inputs, float32 accumulation, bias). Inputs of
+K >= 2048 are bf16 (FFN hidden units, Mamba's y), the others float32 (the residual stream). The Mamba kernels (mamba_in_conv, mamba_scan_gate) are swept over block_c and num_warps
 the same way. Prints a table per shape (best first) and writes every row to --out (JSON).
 """
 
@@ -29,28 +30,29 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks.stream_kernels import trace_events  # noqa: E402
-from pallas.fused_dense import fused_dense  # noqa: E402
+from pallas.fused_dense import Blocks, fused_dense  # noqa: E402
 from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj  # noqa: E402
 
 # (R, K, N) of the EK100 fused step's products (stream_kernels.py's profile of it).
 SHAPES = ((1, 4096, 1024), (16, 4096, 1024), (1, 2048, 1024), (16, 1024, 4096), (32, 1024, 4096),
           (1, 1024, 4096), (2, 1024, 4224), (16, 1024, 1024), (16, 1024, 3072),
           (1, 1024, 6144), (1, 1024, 1024))
-# (block_n, block_k, num_warps, num_stages): None stages = the K loop unrolled.
-FEW_ROWS = ((16, 512, 4, None), (8, 1024, 4, None), (8, 512, 4, None), (4, 1024, 4, None),
-            (4, 2048, 8, None), (4, 512, 2, None), (2, 2048, 4, None), (8, 1024, 8, None),
-            (8, 256, 4, 3), (8, 512, 4, 3), (4, 512, 4, 4), (16, 256, 4, 3), (8, 128, 4, 4))
-MANY_ROWS = ((16, 512, 4, None), (16, 256, 4, None), (16, 1024, 8, None), (32, 512, 4, None),
-             (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 4), (32, 128, 4, 3),
-             (16, 64, 4, 4), (8, 128, 8, None))
-IN_CONV = tuple((c, w) for c in (8, 16, 32) for w in (2, 4, 8))
-SCAN_GATE = tuple((c, w) for c in (8, 16, 32, 64) for w in (1, 2, 4))
-MIN_BYTES, REPEATS = 64 << 20, 3
+# (block_n, block_k, num_warps, num_stages, split_k): None stages = the K loop unrolled.
+FEW_ROWS = ((16, 512, 4, None, 1), (2, 2048, 4, None, 1), (4, 1024, 4, None, 1),
+            (16, 512, 4, None, 4), (16, 256, 4, None, 4), (8, 512, 4, None, 2),
+            (8, 512, 4, None, 4), (32, 256, 4, None, 4), (32, 256, 8, None, 8),
+            (16, 512, 8, None, 8), (64, 128, 4, None, 8), (32, 128, 4, None, 4))
+MANY_ROWS = ((16, 512, 4, None, 1), (16, 256, 4, 3, 1), (32, 128, 4, 3, 1), (16, 256, 4, 3, 4),
+             (16, 128, 4, 3, 4), (32, 128, 4, 3, 4), (16, 256, 4, None, 4),
+             (16, 128, 4, None, 8), (32, 128, 4, 3, 2), (64, 64, 4, 3, 4), (16, 64, 4, None, 8),
+             (32, 256, 8, 3, 4))
+IN_CONV = ((16, 4), (16, 8), (8, 8), (32, 8))
+SCAN_GATE = ((16, 4), (32, 2), (64, 4))
+MIN_BYTES, REPEATS = 128 << 20, 2
 
 
-def kernel_times(fn, args, name_prefix=None):
-  """{kernel name: [durations us]} of one traced fn(*args) after a warm-up call; with
-  name_prefix, only the kernels whose names start with it."""
+def kernel_times(fn, args):
+  """{kernel name: [durations us]} of one traced fn(*args) after a warm-up call."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
@@ -58,8 +60,7 @@ def kernel_times(fn, args, name_prefix=None):
     events = trace_events(log_dir)
   times = collections.defaultdict(list)
   for e in events:
-    if name_prefix is None or e["name"].startswith(name_prefix):
-      times[e["name"]].append(float(e.get("dur", 0.0)))
+    times[e["name"]].append(float(e.get("dur", 0.0)))
   return times
 
 
@@ -68,16 +69,22 @@ def repeated(call, copies):
   return jax.jit(lambda weights: [call(w) for _ in range(REPEATS) for w in weights])
 
 
-def measure(fn, args, prefix, label, shape, gigabytes):
-  """Rows {kernel, shape, us, gb_s} of the kernels named prefix... in a trace of fn(*args), or
-  one row with the error of a candidate that fails to compile (the sweep goes on)."""
+def measure(fn, args, prefix, label, shape, gigabytes, calls):
+  """Row {kernel, shape, us, gb_s, kernel_us}: us = every kernel's time in a trace of fn(*args)
+  per call (with K split: XLA's sum of the partials and epilogue included), kernel_us = the
+  median launch of the kernel named prefix...; or a row with the error of a candidate that fails
+  to compile (the sweep goes on)."""
   try:
-    times = kernel_times(fn, args, prefix)
+    times = kernel_times(fn, args)
   except Exception as e:
-    return [dict(kernel=label, shape=shape, error=f"{type(e).__name__}: {e}"[:300])]
-  return [dict(kernel=name, shape=shape, us=statistics.median(t),
-               gb_s=gigabytes / statistics.median(t) if gigabytes else None)
-          for name, t in times.items()]
+    return dict(kernel=label, shape=shape, error=f"{type(e).__name__}: {e}"[:300])
+  us = sum(sum(t) for t in times.values()) / calls
+  names = [name for name in times if name.startswith(prefix)]
+  own = sum((times[name] for name in names), [])
+  return dict(kernel=names[0] if len(names) == 1 else label, shape=shape, us=us,
+              gb_s=gigabytes / us if gigabytes and us else None,
+              kernel_us=statistics.median(own) if own else None,
+              launches=sum(len(t) for t in times.values()) / calls)
 
 
 def sweep_dense(r, k, n, key, quick):
@@ -86,21 +93,20 @@ def sweep_dense(r, k, n, key, quick):
   keys = jax.random.split(key, copies + 1)
   weights = [(jax.random.normal(kk, (n, k)) / math.sqrt(k)).astype(jnp.bfloat16)
              for kk in keys[1:]]
-  x = jax.random.normal(keys[0], (1, r, k))
+  # As in the step: the long inputs (FFN hidden, Mamba y) in bf16, the residual stream float32.
+  x = jax.random.normal(keys[0], (1, r, k), jnp.bfloat16 if k >= 2048 else jnp.float32)
   bias = jnp.zeros((n,), jnp.bfloat16)
   shape, gb = f"r{r}_k{k}_n{n}", 2 * k * n / 1e3
   xla = repeated(lambda w: jnp.einsum("brk,nk->brn", x.astype(jnp.bfloat16), w,
                                       preferred_element_type=jnp.float32) + bias, copies)
-  times = kernel_times(xla, (weights,))
-  us = sum(sum(t) for t in times.values()) / (REPEATS * copies)
-  rows = [dict(kernel="xla", shape=shape, us=us, gb_s=gb / us if us else None,
-               launches=sum(len(t) for t in times.values()) / (REPEATS * copies))]
-  candidates = FEW_ROWS if r < 16 else MANY_ROWS
-  for block_n, block_k, num_warps, num_stages in candidates:
-    fn = repeated(lambda w: fused_dense(x, w, bias, block_n=block_n, block_k=block_k,
-                                        num_warps=num_warps, num_stages=num_stages), copies)
-    rows += measure(fn, (weights,), "fused_dense", f"bn{block_n} bk{block_k} w{num_warps} "
-                    f"s{num_stages}", shape, gb)
+  calls = REPEATS * copies
+  rows = [measure(xla, (weights,), "", "xla", shape, gb, calls)]
+  rows[0]["kernel"] = "xla"
+  for block_n, block_k, num_warps, num_stages, split_k in (FEW_ROWS if r < 16 else MANY_ROWS):
+    blocks = Blocks(block_n, block_k, num_warps, num_stages, split_k)
+    fn = repeated(lambda w: fused_dense(x, w, bias, blocks=blocks), copies)
+    rows.append(measure(fn, (weights,), "fused_dense", f"bn{block_n} bk{block_k} w{num_warps} "
+                        f"s{num_stages} split{split_k}", shape, gb, calls))
   return rows
 
 
@@ -108,7 +114,7 @@ def sweep_mamba(key, quick):
   """Rows for mamba_in_conv and mamba_scan_gate at the EK100 layer (D 1024, Di 2048, N 16)."""
   d, di, n, dt_rank, d_conv = (1024, 2048, 16, 64, 4) if not quick else (64, 128, 4, 4, 4)
   copies = max(1, math.ceil(MIN_BYTES / (2 * 2 * di * d))) if not quick else 1
-  keys = iter(jax.random.split(key, 16))
+  keys = iter(jax.random.split(key, copies + 16))
   normal = lambda shape, scale=1.0: scale * jax.random.normal(next(keys), shape)
   in_weights = [normal((2 * di, d), d ** -0.5).astype(jnp.bfloat16) for _ in range(copies)]
   x_packed, dt_packed = pack_x_proj(normal((di, dt_rank + 2 * n), di ** -0.5),
@@ -124,15 +130,15 @@ def sweep_mamba(key, quick):
   for block_c, num_warps in IN_CONV:
     fn = repeated(lambda w: mamba_in_conv(h, scale, w, conv, conv_kernel, conv_bias, x_packed,
                                           eps=1e-5, block_c=block_c, num_warps=num_warps), copies)
-    rows += measure(fn, (in_weights,), "mamba_in_conv", f"c{block_c} w{num_warps}", "in_conv",
-                    4 * di * d / 1e3)
+    rows.append(measure(fn, (in_weights,), "mamba_in_conv", f"c{block_c} w{num_warps}",
+                        "in_conv", 4 * di * d / 1e3, REPEATS * copies))
   partial = normal((1, 128, x_packed.shape[1]))
   for block_c, num_warps in SCAN_GATE:
     fn = repeated(lambda _: mamba_scan_gate(partial, dt_packed, dt_bias, a, skip, ssm, u, z,
                                             d_state=n,
                                             block_c=block_c, num_warps=num_warps), copies)
-    rows += measure(fn, (in_weights,), "mamba_scan_gate", f"c{block_c} w{num_warps}",
-                    "scan_gate", None)
+    rows.append(measure(fn, (in_weights,), "mamba_scan_gate", f"c{block_c} w{num_warps}",
+                        "scan_gate", None, REPEATS * copies))
   return rows
 
 
@@ -162,7 +168,9 @@ def main():
         print(f"  failed: {row['kernel']}: {row['error'][:120]}")
       elif row["us"]:
         bandwidth = f"{row['gb_s']:7.0f} GB/s" if row["gb_s"] else ""
-        print(f"  {row['us']:7.2f} us {bandwidth}  {row['kernel']}")
+        own = f"(this one {row['kernel_us']:6.2f})" if row["kernel_us"] else ""
+        print(f"  {row['us']:7.2f} us {bandwidth} {row['launches']:4.1f} kernels  {own}  "
+              f"{row['kernel']}")
   if not any(row.get("us") for row in rows):
     print("no GPU kernel events in the traces (CPU backend, or the profiler found no CUPTI)")
     sys.exit(1)

@@ -41,6 +41,26 @@ class Norm(NamedTuple):
   eps: float = 1e-6
 
 
+class Blocks(NamedTuple):
+  """How fused_dense tiles a product: block_n output columns per program; the K loop in
+  block_k chunks, unrolled (num_stages None: every chunk's loads issued at once) or a loop that
+  Triton software-pipelines over num_stages stages; num_warps per program; K split over split_k
+  programs per block of columns. Powers of two, narrowed to divide N and K."""
+  block_n: int = 16
+  block_k: int = 512
+  num_warps: int = 4
+  num_stages: int | None = None
+  split_k: int = 1
+
+
+def default_blocks(r, k, n):
+  """The Blocks of an (R rows, K) x (K, N) product at batch 1 (benchmarks/stream_kernel_sweep.py
+  on an H200)."""
+  if r < _MIN_DOT_DIM:
+    return Blocks(block_n=2, block_k=2048)
+  return Blocks(block_n=16, block_k=256, num_stages=3)
+
+
 def _row_stats(ref, kind, eps, block_k):
   """ref: (R, K) -> (shift (R, 1), inverse scale (R, 1)) float32 of `Norm` kind over K."""
   total = squares = jnp.zeros((ref.shape[0], 1), jnp.float32)
@@ -66,20 +86,21 @@ def _normalize(x, stats, scale_ref, bias_ref, start, size):
 
 
 def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation, block_k,
-            use_dot, precision, pipelined):
+            use_dot, precision, pipelined, split):
   refs = dict(zip(layout, refs))
   x_ref, w_ref, out_ref = refs["x"], refs["weight"], refs["out"]
   num_rows, block_n = out_ref.shape
   dtype = w_ref.dtype
+  offset = pl.program_id(1) * w_ref.shape[-1]  # this program's share of K: its split
   rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
   stats = (None if input_norm is None
            else _row_stats(x_ref, input_norm.kind, input_norm.eps, block_k))
 
   def chunk(start, acc):
-    x = x_ref[:, pl.ds(start, block_k)]
+    x = x_ref[:, pl.ds(offset + start, block_k)]
     if input_norm is not None:
       normed = _normalize(x.astype(jnp.float32), stats, refs.get("norm_scale"),
-                          refs.get("norm_bias"), start, block_k)
+                          refs.get("norm_bias"), offset + start, block_k)
       x = normed if norm_from_row == 0 else jnp.where(rows >= norm_from_row, normed,
                                                       x.astype(jnp.float32))
     x = x.astype(dtype)
@@ -91,7 +112,7 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   # Without tl.dot the products accumulate elementwise in an (R, block_n, block_k) tile, reduced
   # once at the end rather than once per chunk.
   acc = jnp.zeros((num_rows, block_n) if use_dot else (num_rows, block_n, block_k), jnp.float32)
-  num_chunks = x_ref.shape[-1] // block_k
+  num_chunks = w_ref.shape[-1] // block_k
   if pipelined:  # Triton's software pipeline keeps num_stages chunks' loads in flight
     acc = lax.fori_loop(
         0, num_chunks, lambda c, acc: chunk(pl.multiple_of(c * block_k, block_k), acc), acc)
@@ -100,7 +121,10 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
       acc = chunk(c * block_k, acc)
   if not use_dot:
     acc = jnp.sum(acc, axis=2)
-  _store(acc, refs, activation, residual_norm)
+  if split:  # a partial sum: the epilogue comes after the splits are added
+    out_ref[...] = acc
+  else:
+    _store(acc, refs, activation, residual_norm)
 
 
 def _store(acc, refs, activation, residual_norm):
@@ -128,7 +152,8 @@ def _store(acc, refs, activation, residual_norm):
 
 
 class _Operands:
-  """The pallas_call operands of a grid (N / block_n, B): the kernel's ref names, arrays, specs."""
+  """The pallas_call operands of a grid (N / block_n, split_k, B): the kernel's ref names, arrays,
+  specs."""
 
   def __init__(self):
     self.layout, self.arrays, self.specs = [], [], []
@@ -145,46 +170,50 @@ class _Operands:
         if value.shape != (size,):
           raise ValueError(f"the {prefix} norm's {name} must have shape ({size},), got "
                            f"{value.shape}")
-        self.add(f"{prefix}_{name}", value, (size,), lambda j, i: (0,))
+        self.add(f"{prefix}_{name}", value, (size,), lambda j, s, i: (0,))
 
   def add_epilogue(self, b, r, n, block_n, bias, residual, residual_norm):
-    """bias (N,) or (R, N) or None; residual (B or 1, R, N) or None; its Norm or None."""
+    """The epilogue's operands, checked by _check_epilogue."""
     if bias is not None:
-      if bias.shape not in ((n,), (r, n)):
-        raise ValueError(f"bias must have shape (N,) = ({n},) or (R, N) = ({r}, {n}), got "
-                         f"{bias.shape}")
       if bias.ndim == 1:
-        self.add("bias", bias, (block_n,), lambda j, i: (j,))
+        self.add("bias", bias, (block_n,), lambda j, s, i: (j,))
       else:
-        self.add("bias", bias, (r, block_n), lambda j, i: (0, j))
-    if residual_norm is not None and residual is None:
-      raise ValueError("residual_norm needs a residual")
+        self.add("bias", bias, (r, block_n), lambda j, s, i: (0, j))
     if residual is None:
       return
-    if residual.ndim != 3 or residual.shape[0] not in (1, b) or residual.shape[1:] != (r, n):
-      raise ValueError(f"residual must have shape (B or 1, R, N) = ({b} or 1, {r}, {n}), got "
-                       f"{residual.shape}")
     index = _batch_index(residual)
     if residual_norm is None:
-      self.add("residual", residual, (None, r, block_n), lambda j, i: (index(i), 0, j))
+      self.add("residual", residual, (None, r, block_n), lambda j, s, i: (index(i), 0, j))
     else:  # its statistics need whole rows
-      self.add("residual", residual, (None, r, n), lambda j, i: (index(i), 0, 0))
+      self.add("residual", residual, (None, r, n), lambda j, s, i: (index(i), 0, 0))
       self.add_norm("residual", residual_norm, n)
 
-  def call(self, body, *, grid, out_shape, block_n, num_warps, num_stages, interpret, name):
-    b, r, _ = out_shape.shape
+  def call(self, body, *, grid, out_shape, out_spec, num_warps, num_stages, interpret, name):
     if interpret is None:
       interpret = jax.default_backend() != "gpu"
     return pl.pallas_call(
         functools.partial(body, layout=tuple(self.layout) + ("out",)),
         grid=grid,
         in_specs=self.specs,
-        out_specs=pl.BlockSpec((None, r, block_n), lambda j, i: (i, 0, j)),
+        out_specs=out_spec,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=name,
     )(*self.arrays)
+
+
+def _check_epilogue(b, r, n, bias, residual, residual_norm):
+  """bias (N,) or (R, N) or None; residual (B or 1, R, N) or None; its Norm or None."""
+  if bias is not None and bias.shape not in ((n,), (r, n)):
+    raise ValueError(f"bias must have shape (N,) = ({n},) or (R, N) = ({r}, {n}), got "
+                     f"{bias.shape}")
+  if residual_norm is not None and residual is None:
+    raise ValueError("residual_norm needs a residual")
+  if residual is not None and (residual.ndim != 3 or residual.shape[0] not in (1, b)
+                               or residual.shape[1:] != (r, n)):
+    raise ValueError(f"residual must have shape (B or 1, R, N) = ({b} or 1, {r}, {n}), got "
+                     f"{residual.shape}")
 
 
 def _batch_index(array):
@@ -201,8 +230,7 @@ def _fit(block, dim):
 
 
 def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
-                residual=None, residual_norm=None, block_n=None, block_k=512, num_warps=4,
-                num_stages=None, interpret=None):
+                residual=None, residual_norm=None, blocks=None, interpret=None):
   """act(norm(x) @ weight.T + bias), rounded to weight's dtype, plus an optional (normalised)
   residual.
 
@@ -216,13 +244,9 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   activation: None or "relu", after the bias.
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
-  block_n / block_k: output columns per program and the product's K chunk (also the chunk of the
-  norm statistics), powers of two, halved until they divide N and K. block_n None: 16 (the
-  smallest tl.dot tile). On an H200 at batch 1, block_n 8 ran an isolated chain of 1024 x 4096
-  layers 1.4x faster than 16, but with every R < 16 product at 8 the EK100 step took 1.43x the
-  XLA step's time in its run, against 1.19x at 16 (see benchmarks/RESULTS.md).
-  num_warps: Triton warps per program; num_stages: None unrolls the K loop (every chunk's loads
-  issued at once), an int runs it as a loop that Triton software-pipelines over that many stages.
+  blocks: `Blocks`, None: default_blocks(R, K, N). With split_k > 1 the kernel writes float32
+  partial sums and XLA adds them and applies the bias, activation, rounding and residual (the
+  partials are not rounded to the compute dtype first).
   interpret: Pallas interpret mode (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:
@@ -234,33 +258,47 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   n = weight.shape[0]
   if not checks.is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n = _fit(block_n or _MIN_DOT_DIM, n)
+  block_n, block_k, num_warps, num_stages, split_k = blocks or default_blocks(r, k, n)
+  if not checks.is_power_of_two(split_k) or k % split_k:
+    raise ValueError(f"split_k must be a power of two dividing K = {k}, got {split_k}")
+  k_split = k // split_k
+  block_n = _fit(block_n, n)
   use_dot = min(r, block_n) >= _MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
     block_k = min(block_k, max(_TILE_PER_WARP * num_warps // (r * block_n), 1))
-  block_k = _fit(block_k, k)
+  block_k = _fit(block_k, k_split)
   use_dot = use_dot and block_k >= _MIN_DOT_DIM
   if activation not in (None, "relu"):
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+  _check_epilogue(b, r, n, bias, residual, residual_norm)
   operands = _Operands()
-  operands.add("x", x, (None, r, k), lambda j, i: (i, 0, 0))
-  operands.add("weight", weight, (block_n, k), lambda j, i: (j, 0))
+  operands.add("x", x, (None, r, k), lambda j, s, i: (i, 0, 0))  # whole rows: the norm's stats
+  operands.add("weight", weight, (block_n, k_split), lambda j, s, i: (j, s))
   if norm is not None:
     operands.add_norm("norm", norm, k)
-  operands.add_epilogue(b, r, n, block_n, bias, residual, residual_norm)
-  out_dtype = jnp.float32 if residual is not None else weight.dtype
+  split = split_k > 1
+  if split:  # partial sums (split_k, B, R, N); the epilogue is XLA's, after their sum
+    out_shape = jax.ShapeDtypeStruct((split_k, b, r, n), jnp.float32)
+    out_spec = pl.BlockSpec((None, None, r, block_n), lambda j, s, i: (s, i, 0, j))
+  else:
+    operands.add_epilogue(b, r, n, block_n, bias, residual, residual_norm)
+    out_shape = jax.ShapeDtypeStruct(
+        (b, r, n), jnp.float32 if residual is not None else weight.dtype)
+    out_spec = pl.BlockSpec((None, r, block_n), lambda j, s, i: (i, 0, j))
   body = functools.partial(
       _kernel, input_norm=norm, residual_norm=residual_norm, norm_from_row=norm_from_row,
       activation=activation, block_k=block_k, use_dot=use_dot,
-      precision=_precision(weight.dtype), pipelined=num_stages is not None)
+      precision=_precision(weight.dtype), pipelined=num_stages is not None, split=split)
   # Named by shape and blocks, so that kernels can be told apart in profiler traces.
   name = f"fused_dense_r{r}_k{k}_n{n}_b{block_n}x{block_k}_w{num_warps}"
-  if num_stages is not None:
-    name += f"_s{num_stages}"
-  return operands.call(body, grid=(n // block_n, b),
-                       out_shape=jax.ShapeDtypeStruct((b, r, n), out_dtype), block_n=block_n,
-                       num_warps=num_warps, num_stages=num_stages or 1, interpret=interpret,
-                       name=name)
+  name += "".join(f"_{tag}{value}" for tag, value in (("s", num_stages), ("split", split_k))
+                  if value not in (None, 1))
+  out = operands.call(body, grid=(n // block_n, split_k, b), out_shape=out_shape,
+                      out_spec=out_spec, num_warps=num_warps, num_stages=num_stages or 1,
+                      interpret=interpret, name=name)
+  if split:
+    out = _epilogue(jnp.sum(out, axis=0), bias, activation, weight.dtype, residual, residual_norm)
+  return out
 
 
 def _dot_transposed(a, b, precision):
@@ -274,28 +312,22 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def fused_dense_reference(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
-                          residual=None, residual_norm=None):
-  """`fused_dense` in plain jnp (same arguments and result, no block sizes)."""
+def _normalize_rows(y, norm):
+  """`Norm` over the last axis of y, in float32 (jnp)."""
+  y = y.astype(jnp.float32)
+  mean = jnp.mean(y, axis=-1, keepdims=True)
+  mean_square = jnp.mean(y * y, axis=-1, keepdims=True)
+  if norm.kind == "rms":
+    y = y * lax.rsqrt(mean_square + norm.eps)
+  else:
+    y = (y - mean) * lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0.0) + norm.eps)
+  if norm.scale is not None:
+    y = y * norm.scale.astype(jnp.float32)
+  return y if norm.bias is None else y + norm.bias.astype(jnp.float32)
 
-  def normalize(y, norm):
-    y = y.astype(jnp.float32)
-    mean = jnp.mean(y, axis=-1, keepdims=True)
-    mean_square = jnp.mean(y * y, axis=-1, keepdims=True)
-    if norm.kind == "rms":
-      y = y * lax.rsqrt(mean_square + norm.eps)
-    else:
-      y = (y - mean) * lax.rsqrt(jnp.maximum(mean_square - mean * mean, 0.0) + norm.eps)
-    if norm.scale is not None:
-      y = y * norm.scale.astype(jnp.float32)
-    return y if norm.bias is None else y + norm.bias.astype(jnp.float32)
 
-  dtype = weight.dtype
-  if norm is not None:
-    rows = jnp.arange(x.shape[1])[:, None] >= norm_from_row
-    x = jnp.where(rows, normalize(x, norm), x.astype(jnp.float32))
-  y = jnp.einsum("brk,nk->brn", x.astype(dtype), weight, precision="highest",
-                 preferred_element_type=jnp.float32)
+def _epilogue(y, bias, activation, dtype, residual, residual_norm):
+  """residual_norm(residual) + round(activation(y + bias)) for float32 products y (B, R, N)."""
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   if activation == "relu":
@@ -304,5 +336,16 @@ def fused_dense_reference(x, weight, bias=None, *, norm=None, norm_from_row=0, a
   if residual is None:
     return y
   residual = (residual.astype(jnp.float32) if residual_norm is None
-              else normalize(residual, residual_norm))
+              else _normalize_rows(residual, residual_norm))
   return residual + y.astype(jnp.float32)
+
+
+def fused_dense_reference(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
+                          residual=None, residual_norm=None):
+  """`fused_dense` in plain jnp (same arguments and result, no block sizes)."""
+  if norm is not None:
+    rows = jnp.arange(x.shape[1])[:, None] >= norm_from_row
+    x = jnp.where(rows, _normalize_rows(x, norm), x.astype(jnp.float32))
+  y = jnp.einsum("brk,nk->brn", x.astype(weight.dtype), weight, precision="highest",
+                 preferred_element_type=jnp.float32)
+  return _epilogue(y, bias, activation, weight.dtype, residual, residual_norm)

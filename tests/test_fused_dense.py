@@ -1,5 +1,5 @@
 """pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts taking both
-the elementwise and the tl.dot paths, the K loop unrolled and pipelined, widths that are not multiples of the blocks, row-wise and
+the elementwise and the tl.dot paths, the K loop unrolled and pipelined, K split over programs, widths that are not multiples of the blocks, row-wise and
 per-row biases, partial-row norms and normalised residuals; the reference against float64
 arithmetic and Flax's own LayerNorm / RMSNorm."""
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas.fused_dense import Norm, fused_dense, fused_dense_reference
+from pallas.fused_dense import Blocks, Norm, fused_dense, fused_dense_reference
 from helpers import rel_err
 
 
@@ -26,8 +26,9 @@ def _norm(rng, kind, size, affine=True):
     (1, 2, 128, 192, jnp.bfloat16),
     (2, 32, 64, 64, jnp.bfloat16),
 ])
-@pytest.mark.parametrize("num_stages", [None, 2])  # K loop unrolled / a pipelined loop
-def test_fused_dense_matches_reference(b, r, k, n, dtype, num_stages):
+# The K loop unrolled / pipelined, whole rows / K split over programs.
+@pytest.mark.parametrize("num_stages, split_k", [(None, 1), (2, 1), (None, 2)])
+def test_fused_dense_matches_reference(b, r, k, n, dtype, num_stages, split_k):
   rng = np.random.default_rng()
   x = jnp.asarray(2 * rng.standard_normal((b, r, k)) + 0.5, jnp.float32)
   weight = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), dtype)
@@ -42,7 +43,7 @@ def test_fused_dense_matches_reference(b, r, k, n, dtype, num_stages):
       dict(norm=_norm(rng, "layer", k, affine=False),
            residual=jnp.broadcast_to(residual, (b, r, n))),
   ):
-    out = fused_dense(x, weight, block_n=32, block_k=32, num_stages=num_stages, interpret=True,
+    out = fused_dense(x, weight, blocks=Blocks(32, 32, 4, num_stages, split_k), interpret=True,
                       **kwargs)
     ref = fused_dense_reference(x, weight, **kwargs)
     assert out.dtype == ref.dtype == (jnp.float32 if "residual" in kwargs else dtype)
@@ -76,3 +77,8 @@ def test_bad_arguments_name_what_is_wrong():
     fused_dense(jnp.ones((1, 2, 4)), weight, interpret=True)
   with pytest.raises(ValueError, match="residual must have shape"):
     fused_dense(jnp.ones((1, 2, 8)), weight, residual=jnp.ones((1, 2, 8)), interpret=True)
+  with pytest.raises(ValueError, match="split_k must be a power of two dividing K = 8"):
+    fused_dense(jnp.ones((1, 2, 8)), weight, blocks=Blocks(split_k=3), interpret=True)
+  with pytest.raises(ValueError, match="residual must have shape"):  # also when K is split
+    fused_dense(jnp.ones((1, 2, 8)), weight, residual=jnp.ones((1, 2, 8)),
+                blocks=Blocks(split_k=2), interpret=True)
