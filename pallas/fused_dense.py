@@ -27,6 +27,9 @@ from pallas import checks
 
 # Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
 _MIN_DOT_DIM = 16
+# Row statistics of a residual are taken in chunks of this many columns (unrolled: not by block_n,
+# which can be 2).
+_STATS_CHUNK = 512
 # Elements of an elementwise accumulator tile per warp: 64 float32 registers a thread.
 _TILE_PER_WARP = 2048
 
@@ -54,11 +57,15 @@ class Blocks(NamedTuple):
 
 
 def default_blocks(r, k, n):
-  """The Blocks of an (R rows, K) x (K, N) product at batch 1 (benchmarks/stream_kernel_sweep.py
-  on an H200)."""
+  """The Blocks of an (R rows, K) x (K, N) product at batch 1, from benchmarks/
+  stream_kernel_sweep.py on an H200: a few rows in 2-column programs over whole K chunks (many
+  programs, each streaming long contiguous rows); 16+ rows on tensor cores in a pipelined loop,
+  K split in four where it is 4096 long."""
   if r < _MIN_DOT_DIM:
     return Blocks(block_n=2, block_k=2048)
-  return Blocks(block_n=16, block_k=256, num_stages=3)
+  if k >= 4096:
+    return Blocks(block_n=16, block_k=256, num_stages=3, split_k=4)
+  return Blocks(block_n=32, block_k=128, num_stages=3)
 
 
 def _row_stats(ref, kind, eps, block_k):
@@ -145,7 +152,8 @@ def _store(acc, refs, activation, residual_norm):
       start = pl.multiple_of(pl.program_id(0) * block_n, block_n)
       residual = _normalize(
           residual_ref[:, pl.ds(start, block_n)].astype(jnp.float32),
-          _row_stats(residual_ref, residual_norm.kind, residual_norm.eps, block_n),
+          _row_stats(residual_ref, residual_norm.kind, residual_norm.eps,
+                     _fit(_STATS_CHUNK, residual_ref.shape[-1])),
           refs.get("residual_scale"), refs.get("residual_bias"), start, block_n)
     y = residual + y.astype(jnp.float32)
   out_ref[...] = y.astype(out_ref.dtype)
