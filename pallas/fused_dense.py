@@ -57,15 +57,17 @@ class Blocks(NamedTuple):
 
 
 def default_blocks(r, k, n):
-  """The Blocks of an (R rows, K) x (K, N) product at batch 1, from benchmarks/
-  stream_kernel_sweep.py on an H200: a few rows in 2-column programs over whole K chunks (many
-  programs, each streaming long contiguous rows); 16+ rows on tensor cores in a pipelined loop,
-  K split in four where it is 4096 long."""
+  """The Blocks of an (R rows, K) x (K, N) product at batch 1. A few rows: 2-column programs over
+  whole 2048-long K chunks (many programs, each streaming long contiguous rows). 16+ rows: tl.dot
+  in a pipelined loop with K split in four (the EK100 fused step on an H200: 250 us per frame
+  against 257 with K unsplit below 4096; benchmarks/RESULTS.md)."""
   if r < _MIN_DOT_DIM:
     return Blocks(block_n=2, block_k=2048)
   if k >= 4096:
     return Blocks(block_n=16, block_k=256, num_stages=3, split_k=4)
-  return Blocks(block_n=32, block_k=128, num_stages=3)
+  if n >= 3072:
+    return Blocks(block_n=64, block_k=64, num_stages=3, split_k=4)
+  return Blocks(block_n=32, block_k=128, num_stages=3, split_k=4)
 
 
 def _row_stats(ref, kind, eps, block_k):
