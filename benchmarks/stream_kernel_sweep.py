@@ -1,18 +1,21 @@
 """Block sizes of the batch-1 streaming step's kernels, per shape, against XLA, from GPU traces.
 
-Usage (GPU):  python benchmarks/stream_kernel_sweep.py [--out results/stream_kernel_sweep.json]
+Usage (GPU):  python benchmarks/stream_kernel_sweep.py [--shapes 1x4096x1024,...] [--out FILE]
               JAX_PLATFORMS=cpu python benchmarks/stream_kernel_sweep.py --quick   (checks the
               script: no kernels in a CPU trace, so it reports that and exits 1)
 
 For every product shape (rows R, K, N) of the EK100 fused step (clam_jax.fused_streaming) each
-fused_dense candidate (block_n, block_k, num_warps, num_stages, split_k) runs on `copies` distinct
-bf16 weights (>= 128 MB in all: well beyond the 50 MB L2, as in the step, whose 168 MB of weights
-stream from HBM every frame), twice, under jax.profiler.trace. Reported per product: the summed
-time of every kernel in the trace (with K split, XLA's sum of the partials and the bias
-included), in us and in weight bandwidth (GB/s), and the median launch of the Pallas kernel
-itself. XLA: the same product in jnp (bf16 inputs, float32 accumulation, bias). Inputs of
-K >= 2048 are bf16 (FFN hidden units, Mamba's y), the others float32 (the residual stream). The Mamba kernels (mamba_in_conv, mamba_scan_gate) are swept over block_c and num_warps
-the same way. Prints a table per shape (best first) and writes every row to --out (JSON).
+fused_dense candidate (block_n, block_k, num_warps, num_stages, split_k) is one jitted product,
+called on each of `copies` distinct bf16 weights (>= 128 MB in all: well beyond the 50 MB L2, as
+in the step, whose 168 MB of weights stream from HBM every frame), twice over, each call blocked
+on, under jax.profiler.trace. Calls are blocked on one by one because independent products in one
+jit run concurrently on the GPU, which inflates each kernel's duration. Reported per product: the
+summed time of its kernels (with K split, XLA's sum of the partials and the bias included), in us
+and in weight bandwidth (GB/s), and the median duration of the Pallas kernel itself. XLA: the
+same product in jnp (bf16 inputs, float32 accumulation, bias). Inputs of K >= 2048 are bf16 (FFN
+hidden units, Mamba's y), the others float32 (the residual stream). The Mamba kernels
+(mamba_in_conv, mamba_scan_gate) are swept over block_c and num_warps the same way. Prints a
+table per shape (best first) and writes every row to --out (JSON).
 """
 
 import argparse
@@ -38,25 +41,27 @@ SHAPES = ((1, 4096, 1024), (16, 4096, 1024), (1, 2048, 1024), (16, 1024, 4096), 
           (1, 1024, 4096), (2, 1024, 4224), (16, 1024, 1024), (16, 1024, 3072),
           (1, 1024, 6144), (1, 1024, 1024))
 # (block_n, block_k, num_warps, num_stages, split_k): None stages = the K loop unrolled.
-FEW_ROWS = ((16, 512, 4, None, 1), (2, 2048, 4, None, 1), (4, 1024, 4, None, 1),
-            (16, 512, 4, None, 4), (16, 256, 4, None, 4), (8, 512, 4, None, 2),
-            (8, 512, 4, None, 4), (32, 256, 4, None, 4), (32, 256, 8, None, 8),
-            (16, 512, 8, None, 8), (64, 128, 4, None, 8), (32, 128, 4, None, 4))
+FEW_ROWS = ((16, 512, 4, None, 1), (2, 2048, 4, None, 1), (4, 2048, 8, None, 1),
+            (4, 1024, 4, None, 1), (8, 1024, 8, None, 1), (1, 4096, 4, None, 1),
+            (2, 1024, 4, None, 2), (8, 512, 4, None, 2), (8, 512, 4, None, 4),
+            (16, 256, 4, None, 4), (32, 256, 8, None, 8), (16, 512, 4, 3, 1), (4, 512, 4, 4, 1))
 MANY_ROWS = ((16, 512, 4, None, 1), (16, 256, 4, 3, 1), (32, 128, 4, 3, 1), (16, 256, 4, 3, 4),
              (16, 128, 4, 3, 4), (32, 128, 4, 3, 4), (16, 256, 4, None, 4),
              (16, 128, 4, None, 8), (32, 128, 4, 3, 2), (64, 64, 4, 3, 4), (16, 64, 4, None, 8),
              (32, 256, 8, 3, 4))
-IN_CONV = ((16, 4), (16, 8), (8, 8), (32, 8))
-SCAN_GATE = ((16, 4), (32, 2), (64, 4))
+IN_CONV = ((16, 4), (16, 8), (8, 4), (8, 8), (32, 8), (32, 16))
+SCAN_GATE = ((16, 4), (32, 2), (32, 4), (64, 4), (128, 4))
 MIN_BYTES, REPEATS = 128 << 20, 2
 
 
-def kernel_times(fn, args):
-  """{kernel name: [durations us]} of one traced fn(*args) after a warm-up call."""
-  jax.block_until_ready(fn(*args))
+def kernel_times(fn, weights):
+  """{kernel name: [durations us]} of fn(w) for each w in weights, REPEATS times, each call
+  blocked on, traced after a warm-up call."""
+  jax.block_until_ready(fn(weights[0]))
   with tempfile.TemporaryDirectory() as log_dir:
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-      jax.block_until_ready(fn(*args))
+      for w in weights * REPEATS:
+        jax.block_until_ready(fn(w))
     events = trace_events(log_dir)
   times = collections.defaultdict(list)
   for e in events:
@@ -64,18 +69,14 @@ def kernel_times(fn, args):
   return times
 
 
-def repeated(call, copies):
-  """A jitted fn(weights) calling call(weight) on each of `copies` weights, REPEATS times."""
-  return jax.jit(lambda weights: [call(w) for _ in range(REPEATS) for w in weights])
-
-
-def measure(fn, args, prefix, label, shape, gigabytes, calls):
-  """Row {kernel, shape, us, gb_s, kernel_us}: us = every kernel's time in a trace of fn(*args)
-  per call (with K split: XLA's sum of the partials and epilogue included), kernel_us = the
+def measure(fn, weights, prefix, label, shape, gigabytes):
+  """Row {kernel, shape, us, gb_s, kernel_us}: us = every kernel's time per call of the jitted
+  fn(weight) (with K split, XLA's sum of the partials and epilogue included), kernel_us = the
   median launch of the kernel named prefix...; or a row with the error of a candidate that fails
   to compile (the sweep goes on)."""
+  calls = REPEATS * len(weights)
   try:
-    times = kernel_times(fn, args)
+    times = kernel_times(fn, weights)
   except Exception as e:
     return dict(kernel=label, shape=shape, error=f"{type(e).__name__}: {e}"[:300])
   us = sum(sum(t) for t in times.values()) / calls
@@ -97,16 +98,15 @@ def sweep_dense(r, k, n, key, quick):
   x = jax.random.normal(keys[0], (1, r, k), jnp.bfloat16 if k >= 2048 else jnp.float32)
   bias = jnp.zeros((n,), jnp.bfloat16)
   shape, gb = f"r{r}_k{k}_n{n}", 2 * k * n / 1e3
-  xla = repeated(lambda w: jnp.einsum("brk,nk->brn", x.astype(jnp.bfloat16), w,
-                                      preferred_element_type=jnp.float32) + bias, copies)
-  calls = REPEATS * copies
-  rows = [measure(xla, (weights,), "", "xla", shape, gb, calls)]
+  xla = jax.jit(lambda w: jnp.einsum("brk,nk->brn", x.astype(jnp.bfloat16), w,
+                                     preferred_element_type=jnp.float32) + bias)
+  rows = [measure(xla, weights, "", "xla", shape, gb)]
   rows[0]["kernel"] = "xla"
   for block_n, block_k, num_warps, num_stages, split_k in (FEW_ROWS if r < 16 else MANY_ROWS):
     blocks = Blocks(block_n, block_k, num_warps, num_stages, split_k)
-    fn = repeated(lambda w: fused_dense(x, w, bias, blocks=blocks), copies)
-    rows.append(measure(fn, (weights,), "fused_dense", f"bn{block_n} bk{block_k} w{num_warps} "
-                        f"s{num_stages} split{split_k}", shape, gb, calls))
+    fn = jax.jit(lambda w: fused_dense(x, w, bias, blocks=blocks))
+    rows.append(measure(fn, weights, "fused_dense", f"bn{block_n} bk{block_k} w{num_warps} "
+                        f"s{num_stages} split{split_k}", shape, gb))
   return rows
 
 
@@ -128,17 +128,16 @@ def sweep_mamba(key, quick):
   dt_bias, skip = normal((di,), 0.1), normal((di,))
   rows = []
   for block_c, num_warps in IN_CONV:
-    fn = repeated(lambda w: mamba_in_conv(h, scale, w, conv, conv_kernel, conv_bias, x_packed,
-                                          eps=1e-5, block_c=block_c, num_warps=num_warps), copies)
-    rows.append(measure(fn, (in_weights,), "mamba_in_conv", f"c{block_c} w{num_warps}",
-                        "in_conv", 4 * di * d / 1e3, REPEATS * copies))
-  partial = normal((1, 128, x_packed.shape[1]))
+    fn = jax.jit(lambda w: mamba_in_conv(h, scale, w, conv, conv_kernel, conv_bias, x_packed,
+                                         eps=1e-5, block_c=block_c, num_warps=num_warps))
+    rows.append(measure(fn, in_weights, "mamba_in_conv", f"c{block_c} w{num_warps}", "in_conv",
+                        4 * di * d / 1e3))
+  partial = normal((1, 1, x_packed.shape[1]))  # summed, as the fused step passes it
   for block_c, num_warps in SCAN_GATE:
-    fn = repeated(lambda _: mamba_scan_gate(partial, dt_packed, dt_bias, a, skip, ssm, u, z,
-                                            d_state=n,
-                                            block_c=block_c, num_warps=num_warps), copies)
-    rows.append(measure(fn, (in_weights,), "mamba_scan_gate", f"c{block_c} w{num_warps}",
-                        "scan_gate", None, REPEATS * copies))
+    fn = jax.jit(lambda _: mamba_scan_gate(partial, dt_packed, dt_bias, a, skip, ssm, u, z,
+                                           d_state=n, block_c=block_c, num_warps=num_warps))
+    rows.append(measure(fn, in_weights, "mamba_scan_gate", f"c{block_c} w{num_warps}",
+                        "scan_gate", None))
   return rows
 
 
@@ -148,17 +147,27 @@ def main():
   parser.add_argument("--quick", action="store_true",
                       help="one small shape and one copy (checks the script; CPU: interpret mode)")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/stream_kernel_sweep.json)")
+  parser.add_argument("--shapes", help="products to sweep as RxKxN,... (default: every product "
+                      "shape of the EK100 fused step)")
   args = parser.parse_args()
   out_path = Path(args.out or Path(__file__).parent / "results" / "stream_kernel_sweep.json")
   key = jax.random.key(0)
-  shapes = ((1, 64, 32), (16, 64, 32)) if args.quick else SHAPES
-  rows = []
-  for i, (r, k, n) in enumerate(shapes):
-    rows += sweep_dense(r, k, n, jax.random.fold_in(key, i), args.quick)
-  rows += sweep_mamba(jax.random.fold_in(key, len(shapes)), args.quick)
+  shapes = SHAPES
+  if args.quick:
+    shapes = ((1, 64, 32), (16, 64, 32))
+  elif args.shapes:
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
   device = jax.devices()[0].device_kind
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  out_path.write_text(json.dumps(dict(device=device, jax=jax.__version__, rows=rows), indent=1))
+
+  def save(rows):  # after every shape: a sweep cut short keeps what it measured
+    out_path.write_text(json.dumps(dict(device=device, jax=jax.__version__, rows=rows), indent=1))
+
+  rows = sweep_mamba(jax.random.fold_in(key, len(shapes)), args.quick)
+  save(rows)
+  for i, (r, k, n) in enumerate(shapes):
+    rows += sweep_dense(r, k, n, jax.random.fold_in(key, i), args.quick)
+    save(rows)
   print(f"{device}, jax {jax.__version__}: median kernel time per call (best first)")
   for shape in dict.fromkeys(row["shape"] for row in rows):
     group = [row for row in rows if row["shape"] == shape]
