@@ -2,11 +2,12 @@
 
 Usage:
   python stream.py --config configs/demo.py --workdir runs/demo [--video VIDEO_ID] [--checkpoint=last]
+                   [--kernels=fused]
 
 Restores a checkpoint as evaluate.py does, reads one video of config.eval.split (EK100 layout:
 ek100 and the synthetic demo; default: the split's first video) at config.data.fps from its first
 frame to the end of its last annotated segment, and runs the jit-compiled streaming step
-(clam_jax.streaming) on one frame at a time, its state a fixed-size pytree whatever the video's
+(clam_jax.streaming; --kernels=fused: its fused Pallas kernels) on one frame at a time, its state a fixed-size pytree whatever the video's
 length. Prints, for each annotated segment, the 5 most probable actions anticipated at its
 observation end (anticipation_seconds before it starts) next to the true action, then the per-frame
 latency. Writes WORKDIR/stream/<video>.npz (times (n,), probabilities/<head> (n, C): the
@@ -28,12 +29,18 @@ from clam_jax import train_lib
 
 _CONFIG, _WORKDIR, _CHECKPOINT = train_lib.define_saved_run_flags()
 _VIDEO = flags.DEFINE_string("video", None, "A video id of config.eval.split (default: its first).")
+_KERNELS = flags.DEFINE_enum(
+    "kernels", "xla", replay.KERNELS,
+    "xla: streaming.stream_step (any config); fused: the step in fused Pallas kernels "
+    "(clam_jax/fused_streaming.py: the Mamba processor, power-of-two act-tokens, memory tokens "
+    "and future queries; 1.59x faster per frame than xla on an H200; off GPU it runs in Pallas "
+    "interpret mode, slowly).")
 
 
 def main(argv):
   result = train_lib.run_command(
       argv, lambda: replay.stream_video(_CONFIG.value, _WORKDIR.value, _VIDEO.value,
-                                        _CHECKPOINT.value),
+                                        _CHECKPOINT.value, _KERNELS.value),
       errors=train_lib.USER_ERRORS + (ValueError,))
   video, segments, latency = result["video_id"], result["segments"], result["latency_ms"]
   print(f"video {video}: {len(result['times'])} frames at {_CONFIG.value.data.fps:g} fps, "

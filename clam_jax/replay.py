@@ -4,8 +4,8 @@
 
 The video's features (EK100 layout: ek100 and the synthetic demo) are read at config.data.fps from
 its first frame to the end of its last annotated segment and fed one frame at a time to the
-jit-compiled stream_step (clam_jax.streaming, weights prepared once in the compute dtype). The
-model sees the whole video so far (its memory from frame 1), unlike evaluation's windows of
+jit-compiled stream_step (clam_jax.streaming, weights prepared once in the compute dtype), or its
+fused Pallas kernels (clam_jax.fused_streaming; kernels="fused"). The model sees the whole video so far (its memory from frame 1), unlike evaluation's windows of
 obs_seconds; at each annotated segment the anticipation read is the one made at the segment's
 observation end (start - anticipation_seconds).
 """
@@ -19,24 +19,42 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from clam_jax import fused_streaming
 from clam_jax import streaming
 from clam_jax import train_lib
 from clam_jax.data import pipeline
 
 STREAMABLE = ("ek100", "synthetic")
+KERNELS = ("xla", "fused")
 
 
-def stream_video(config, workdir, video_id=None, checkpoint="best"):
+def make_streamer(model_config, params, kernels="xla"):
+  """The streaming step of one stream: (prepared weights, jitted step(prepared, state, frame) ->
+  (state, out), state donated). kernels: "xla" (streaming.stream_step, any config) or "fused"
+  (fused_streaming's Pallas kernels: batch 1, the configs check_fused_config accepts; off GPU
+  they run in Pallas interpret mode, slowly). Raises ValueError naming an unknown kernels value or
+  the config field the fused kernels do not support."""
+  if kernels == "xla":
+    return (streaming.prepare_stream_params(params, model_config, cast=True),
+            jax.jit(streaming.make_stream_step(model_config), donate_argnums=1))
+  if kernels == "fused":
+    return (fused_streaming.prepare_fused_params(params, model_config),
+            jax.jit(fused_streaming.make_fused_stream_step(model_config), donate_argnums=1))
+  raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+def stream_video(config, workdir, video_id=None, checkpoint="best", kernels="xla"):
   """Streams one video of config.eval.split through a checkpoint of workdir.
 
-  video_id: a video of the split's annotations (default: the first). Returns {"step": checkpoint
+  video_id: a video of the split's annotations (default: the first); kernels: make_streamer's.
+  Returns {"step": checkpoint
   step, "video_id", "times": (n,) float64 seconds of the frames, "probabilities": {head: (n, C)
   float32, the first future query's softmax after each frame}, "segments": [{"narration_id",
   "start", "frame" (index of its observation end; -1: before the first frame), "action",
   "top5": the 5 most probable actions there, "hit"}], "latency_ms": (n,) per step, each blocked
   on (the first includes the compilation)}.
-  Raises ValueError (data.name not streamable, unknown video_id) and train_lib.load_checkpoint's
-  errors.
+  Raises ValueError (data.name not streamable, unknown video_id, make_streamer's) and
+  train_lib.load_checkpoint's errors.
   """
   if config.data.name not in STREAMABLE:
     raise ValueError(f"streaming a recorded video needs the EK100 layout, data.name in "
@@ -58,8 +76,7 @@ def stream_video(config, workdir, video_id=None, checkpoint="best"):
 
   # One stream on one device (the restored params are replicated over all local devices).
   params = jax.device_put(jax.device_get(params), jax.devices()[0])
-  prepared = streaming.prepare_stream_params(params, config.model, cast=True)
-  stream_step = jax.jit(streaming.make_stream_step(config.model), donate_argnums=1)
+  prepared, stream_step = make_streamer(config.model, params, kernels)
   state = streaming.init_stream_state(config.model, 1)
   probabilities = {head: [] for head in config.model.heads}
   latency = []

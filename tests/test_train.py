@@ -24,6 +24,7 @@ from flax.training import train_state
 from clam_jax import checkpointing
 from clam_jax import metrics as metrics_lib
 from clam_jax import train_lib
+from helpers import random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERRUPT_AT = 4  # mid-epoch: the tiny training split has 38 segments, 4.75 batches of 8
@@ -342,6 +343,32 @@ def test_stream_video_equals_the_model_on_the_video_so_far(runs, tmp_path):
     assert f.read(4) == b"\x89PNG"
   with pytest.raises(ValueError, match="no_such_video"):
     replay.stream_video(config, workdir, video_id="no_such_video")
+  with pytest.raises(ValueError, match="processor='mamba'"):  # this config's is a GRU
+    replay.stream_video(config, workdir, kernels="fused")
+
+
+def test_fused_streamer_equals_the_xla_streamer():
+  """replay.make_streamer's two step kernels give the same anticipations, frame by frame
+  (float32, a Mamba + memory model with random params; the fused kernels in interpret mode)."""
+  from clam_jax import replay
+  from clam_jax import streaming
+
+  config = tiny_config().model
+  config.update(dict(processor="mamba", memory=True, memory_tokens=4, memory_heads=2))
+  params = random_params(config, {"rgb": 16})
+  frames = np.random.default_rng(0).standard_normal((4, 1, 16)).astype(np.float32)
+  outs = {}
+  for kernels in replay.KERNELS:
+    prepared, step = replay.make_streamer(config, params, kernels)
+    state = streaming.init_stream_state(config, 1)
+    outs[kernels] = []
+    for frame in frames:
+      state, out = step(prepared, state, {"rgb": frame})
+      outs[kernels].append(np.asarray(out["future"]["action"]))
+  np.testing.assert_allclose(outs["fused"], outs["xla"], rtol=1e-5, atol=1e-5)
+  assert np.abs(np.diff(outs["xla"], axis=0)).max() > 1e-3  # the frames do change the output
+  with pytest.raises(ValueError, match="kernels must be one of"):
+    replay.make_streamer(config, params, "triton")
 
 
 def test_cli_stream_without_checkpoints_is_one_line(tmp_path):
