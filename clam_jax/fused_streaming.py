@@ -15,7 +15,7 @@ separate normalisation. For batch 1: at batch B every stream re-reads the weight
 streaming.stream_step there).
 
 Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
-power-of-two N act-tokens, M memory tokens and F future queries (the EK100 and THUMOS configs, not
+power-of-two M memory tokens and F future queries (the EK100, THUMOS and demo configs, not
 Ego4D's F = 20); `check_fused_config` names what is not.
 Weights are in config.dtype; outputs equal stream_step's up to the compute dtype's rounding
 (float32: ~1e-6).
@@ -47,7 +47,7 @@ def check_fused_config(model_config):
     raise ValueError("the fused step needs config.model.memory_normalize=False")
   if config.act_token_selection != "fifo":
     raise ValueError("config.model.act_token_selection must be 'fifo' to stream")
-  for field in ("num_act_tokens", "memory_tokens", "future_queries"):
+  for field in ("memory_tokens", "future_queries"):
     if not checks.is_power_of_two(config[field]):
       raise ValueError(f"the fused step needs config.model.{field} to be a power of two, found "
                        f"{config[field]}")
@@ -64,7 +64,8 @@ def prepare_fused_params(params, model_config):
   streaming.prepare_stream_params(params, config, cast=True) (merged products, params-only
   constants, Dense weights in config.dtype) plus: the Mamba blocks' x_proj / dt_proj packed for
   the kernels (pack_x_proj) and A = -exp(A_log), DenseGeneral kernels flattened to (D_in, D_out),
-  the predictor's query positions folded into its cross-attention query biases, the classifier
+  the predictor's query positions folded into its cross-attention query biases, its context's
+  per-token bias rows zero-padded to a power of two (as the context rows are), the classifier
   columns zero-padded to a multiple of 64, and every Dense kernel stored transposed, as "weight"
   (N, K) (fused_dense's layout). Returns a pytree of arrays.
   """
@@ -116,8 +117,11 @@ def prepare_fused_params(params, model_config):
     layer = predictor[f"layer_{i}"]
     predictor_layers.append({**weights, **{name: layer[name] for name in (
         "self_attention_norm", "cross_attention_norm", "ffn_norm", "ffn") if name in layer}})
+  context = dict(merged["predictor_context"])
+  if context["bias"].ndim == 2:  # a bias row per context token: padded as the context's rows
+    context["bias"] = _pad_rows(context["bias"], axis=0)
   fused["predictor"] = {
-      "context": merged["predictor_context"], "layers": predictor_layers,
+      "context": context, "layers": predictor_layers,
       "targets": constants["future_targets"][None],
       "queries": constants["predictor_queries"].reshape(1, config.future_queries, -1)}
   classifiers = merged["classifiers"]
@@ -227,6 +231,13 @@ def _predictor(config, fused, context, mask):
   return x, norm
 
 
+def _pad_rows(x, axis=1):
+  """x with zero (False) rows appended along axis up to a power-of-two length."""
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, (1 << (x.shape[axis] - 1).bit_length()) - x.shape[axis])
+  return jnp.pad(x, pad)
+
+
 def fused_stream_step(model_config, fused, state, features_t):
   """streaming.stream_step's step through the fused kernels.
 
@@ -255,12 +266,12 @@ def fused_stream_step(model_config, fused, state, features_t):
     context = jnp.concatenate([tokens.astype(jnp.float32), memory_tokens], axis=1)
     context_mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
     predictor["context_norm"] = _norm(fused["memory"]["final_norm"])
+  # The kernels' tiles need power-of-two rows: padded context rows are never attended.
+  context, context_mask = _pad_rows(context), _pad_rows(context_mask)
   future, future_norm = _predictor(config, predictor, context, context_mask)
   # One classifier product for the act-token (row 0, as it is) and the future tokens (their last
   # LayerNorm applied in the kernel); rows padded to a power of two.
-  rows = jnp.concatenate([act.astype(jnp.float32), future], axis=1)
-  padded_rows = 1 << (rows.shape[1] - 1).bit_length()
-  rows = jnp.pad(rows, ((0, 0), (0, padded_rows - rows.shape[1]), (0, 0)))
+  rows = _pad_rows(jnp.concatenate([act.astype(jnp.float32), future], axis=1))
   logits = fused_dense(rows, fused["classifiers"]["weight"], fused["classifiers"]["bias"],
                        norm=future_norm, norm_from_row=1).astype(jnp.float32)
   bounds = np.cumsum(list(config.heads.values()))

@@ -97,6 +97,6 @@ def test_unsupported_configs_are_named():
                            (dict(memory_normalize=True, memory_feature_map="elu1"),
                             "memory_normalize"),
                            (dict(future_queries=20), "future_queries"),
-                           (dict(num_act_tokens=5), "num_act_tokens")):
+                           (dict(memory_tokens=6), "memory_tokens")):
     with pytest.raises(ValueError, match=field):
       make_fused_stream_step(_config(**overrides))

@@ -349,12 +349,13 @@ def test_stream_video_equals_the_model_on_the_video_so_far(runs, tmp_path):
 
 def test_fused_streamer_equals_the_xla_streamer():
   """replay.make_streamer's two step kernels give the same anticipations, frame by frame
-  (float32, a Mamba + memory model with random params; the fused kernels in interpret mode)."""
+  (float32, a Mamba + memory model with random params, 4 act-tokens + 8 memory tokens as the
+  demo's: 12 context rows, padded to 16 in the fused step; its kernels in interpret mode)."""
   from clam_jax import replay
   from clam_jax import streaming
 
   config = tiny_config().model
-  config.update(dict(processor="mamba", memory=True, memory_tokens=4, memory_heads=2))
+  config.update(dict(processor="mamba", memory=True, memory_tokens=8, memory_heads=2))
   params = random_params(config, {"rgb": 16})
   frames = np.random.default_rng(0).standard_normal((4, 1, 16)).astype(np.float32)
   outs = {}
