@@ -10,9 +10,10 @@ Here one program per block of output columns normalises its rows itself (the sta
 and residual to its block before storing it. Weights are (N, K), Dense kernels transposed: a
 program's loads run along contiguous K.
 
-Grid: (N / block_n, B), one program per block of output columns and batch element; a program holds
-the R rows of its batch element, so row-wise normalisation needs no communication (and at batch
-B > 1 every batch element re-reads the weights: this kernel is for batch 1)."""
+Grid: (N / block_n, split_k, B), one program per block of output columns, share of K and batch
+element; a program holds the R rows of its batch element, so row-wise normalisation needs no
+communication (and at batch B > 1 every batch element re-reads the weights: this kernel is for
+batch 1). With K split, the programs write float32 partial sums that XLA adds before the epilogue."""
 
 import functools
 from typing import NamedTuple
