@@ -10,7 +10,8 @@ lax.scan of --steps frames once to compile, then once under jax.profiler.trace. 
 GPU events (perfetto JSON) it reports per frame: the wall time of the traced call, the summed
 kernel time (busy) and the rest (idle: launch gaps, the loop's own synchronisation), and every
 kernel name with its launches and microseconds. The Pallas kernels are named by shape
-(fused_dense_r<rows>_k<K>_n<N>, ...), so each layer's cost can be read off.
+(fused_dense_r<rows>_k<K>_n<N>_b<block_n>x<block_k>_w<warps>..., mamba_in_conv_c<block_c>_w<warps>,
+...), so each layer's cost can be read off.
 
 Prints a table per variant (top kernels) and writes every row to --out (JSON).
 """
