@@ -7,13 +7,13 @@ Usage:
 Restores a checkpoint as evaluate.py does, reads one video of config.eval.split (EK100 layout:
 ek100 and the synthetic demo; default: the split's first video) at config.data.fps from its first
 frame to the end of its last annotated segment, and runs the jit-compiled streaming step
-(clam_jax.streaming; --kernels=fused: its fused Pallas kernels) on one frame at a time, its state a fixed-size pytree whatever the video's
-length. Prints, for each annotated segment, the 5 most probable actions anticipated at its
-observation end (anticipation_seconds before it starts) next to the true action, then the per-frame
-latency. Writes WORKDIR/stream/<video>.npz (times (n,), probabilities/<head> (n, C): the
-anticipated distribution after every frame), <video>.json (the segments and latency summary) and
-<video>.png (the probability of the upcoming action over time, and the per-frame latency).
-Errors (no checkpoint, a model that does not match the config, an unknown video, unreadable
+(clam_jax.streaming; --kernels=fused: its fused Pallas kernels) on one frame at a time, its
+state a fixed-size pytree whatever the video's length. Prints, for each annotated segment, the 5
+most probable actions anticipated at its observation end (anticipation_seconds before it starts)
+next to the true action, then the per-frame latency. Writes WORKDIR/stream/<video>.npz (times
+(n,), probabilities/<head> (n, C): the anticipated distribution after every frame), <video>.json
+(the segments and latency summary) and <video>.png (the probability of the upcoming action
+over time, and the per-frame latency). Errors (no checkpoint, a model that does not match the config, an unknown video, unreadable
 features) exit with status 1 and one line; --verbosity=1 adds the traceback.
 """
 

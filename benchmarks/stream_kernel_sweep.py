@@ -146,7 +146,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="one small shape and one copy (checks the script; CPU: interpret mode)")
-  parser.add_argument("--out", help="JSON path (default benchmarks/results/stream_kernel_sweep.json)")
+  parser.add_argument("--out",
+                      help="JSON path (default benchmarks/results/stream_kernel_sweep.json)")
   parser.add_argument("--shapes", help="products to sweep as RxKxN,... (default: every product "
                       "shape of the EK100 fused step)")
   args = parser.parse_args()

@@ -5,9 +5,10 @@
 The video's features (EK100 layout: ek100 and the synthetic demo) are read at config.data.fps from
 its first frame to the end of its last annotated segment and fed one frame at a time to the
 jit-compiled stream_step (clam_jax.streaming, weights prepared once in the compute dtype), or its
-fused Pallas kernels (clam_jax.fused_streaming; kernels="fused"). The model sees the whole video so far (its memory from frame 1), unlike evaluation's windows of
-obs_seconds; at each annotated segment the anticipation read is the one made at the segment's
-observation end (start - anticipation_seconds).
+fused Pallas kernels (clam_jax.fused_streaming; kernels="fused"). The model sees the whole video
+so far (its memory from frame 1), unlike evaluation's windows of obs_seconds; at each annotated
+segment the anticipation read is the one made at the segment's observation end (start -
+anticipation_seconds).
 """
 
 import time

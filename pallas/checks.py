@@ -4,6 +4,10 @@ import jax
 import numpy as np
 
 
+# Triton's tl.dot needs every dimension >= 16; the kernels do smaller products elementwise.
+MIN_DOT_DIM = 16
+
+
 def is_power_of_two(n):
   """Whether n is 1, 2, 4, ...: Triton's tiles have power-of-two sides."""
   return n >= 1 and not n & (n - 1)

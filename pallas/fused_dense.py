@@ -13,7 +13,8 @@ program's loads run along contiguous K.
 Grid: (N / block_n, split_k, B), one program per block of output columns, share of K and batch
 element; a program holds the R rows of its batch element, so row-wise normalisation needs no
 communication (and at batch B > 1 every batch element re-reads the weights: this kernel is for
-batch 1). With K split, the programs write float32 partial sums that XLA adds before the epilogue."""
+batch 1). With K split, the programs write float32 partial sums that XLA adds before the
+epilogue."""
 
 import functools
 from typing import NamedTuple
@@ -26,8 +27,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
 
-# Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
-_MIN_DOT_DIM = 16
 # Row statistics of a residual are taken in chunks of this many columns (unrolled: not by block_n,
 # which can be 2).
 _STATS_CHUNK = 512
@@ -62,7 +61,7 @@ def default_blocks(r, k, n):
   whole 2048-long K chunks (many programs, each streaming long contiguous rows). 16+ rows: tl.dot
   in a pipelined loop with K split in four (the EK100 fused step on an H200: 250 us per frame
   against 257 with K unsplit below 4096; benchmarks/RESULTS.md)."""
-  if r < _MIN_DOT_DIM:
+  if r < checks.MIN_DOT_DIM:
     return Blocks(block_n=2, block_k=2048)
   if k >= 4096:
     return Blocks(block_n=16, block_k=256, num_stages=3, split_k=4)
@@ -274,11 +273,11 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
     raise ValueError(f"split_k must be a power of two dividing K = {k}, got {split_k}")
   k_split = k // split_k
   block_n = _fit(block_n, n)
-  use_dot = min(r, block_n) >= _MIN_DOT_DIM
+  use_dot = min(r, block_n) >= checks.MIN_DOT_DIM
   if not use_dot:  # the elementwise accumulator (R, block_n, block_k) stays within registers
     block_k = min(block_k, max(_TILE_PER_WARP * num_warps // (r * block_n), 1))
   block_k = _fit(block_k, k_split)
-  use_dot = use_dot and block_k >= _MIN_DOT_DIM
+  use_dot = use_dot and block_k >= checks.MIN_DOT_DIM
   if activation not in (None, "relu"):
     raise ValueError(f"activation must be None or 'relu', got {activation!r}")
   _check_epilogue(b, r, n, bias, residual, residual_norm)

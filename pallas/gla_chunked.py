@@ -39,8 +39,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
 
-# Triton's tl.dot needs every dimension >= 16: the least rows per query block and the key block.
-_MIN_DOT_DIM = 16
 # Rows per query block of the output kernel by default (up to a whole chunk), by the inputs'
 # itemsize: fuller tensor-core matmuls than 16 rows; float32 blocks take twice the shared memory
 # (H200: 227 KiB per block), hence fewer rows and no software pipelining (num_stages = 1) for them.
@@ -432,7 +430,7 @@ def _dkv(q, k, v, b, do, dh, cfg):
   float32."""
   bsz, tp, nh, dk = k.shape
   dv, c, rows = v.shape[-1], cfg.chunk, cfg.chunk * cfg.m
-  block_k = max(_MIN_DOT_DIM, cfg.bwd_steps)  # whole query blocks per key block
+  block_k = max(checks.MIN_DOT_DIM, cfg.bwd_steps)  # whole query blocks per key block
   key_spec = lambda d: pl.BlockSpec((None, block_k, None, d),
                                     lambda b, h, n, j: (b, n * (c // block_k) + j, h, 0))
   kernel = functools.partial(_dkv_kernel, scale=cfg.scale, m=cfg.m, steps=cfg.bwd_steps,
@@ -527,21 +525,22 @@ def gla_chunked(q, k, v, g, *, scale=None, initial_state=None, return_final_stat
   squeeze = q.ndim == 4
   q = checks.check_gla_args(q, k, v, g, initial_state)
   for name, n in (("chunk_size", chunk_size), ("block_v", block_v)):
-    if n < _MIN_DOT_DIM or n & (n - 1):
-      raise ValueError(f"{name} must be a power of two >= {_MIN_DOT_DIM}, got {n}")
+    if n < checks.MIN_DOT_DIM or n & (n - 1):
+      raise ValueError(f"{name} must be a power of two >= {checks.MIN_DOT_DIM}, got {n}")
   bsz, t, m, nh, dk = q.shape
   dv = v.shape[-1]
   scale = dk ** -0.5 if scale is None else scale
   mp = pl.next_power_of_2(m)
   if sub_chunk is None:
     sub_chunk = min(chunk_size, max(1, _QUERY_ROWS[jnp.dtype(v.dtype).itemsize] // mp))
-  if sub_chunk > chunk_size or sub_chunk * mp < _MIN_DOT_DIM or sub_chunk & (sub_chunk - 1):
+  if sub_chunk > chunk_size or sub_chunk * mp < checks.MIN_DOT_DIM or sub_chunk & (sub_chunk - 1):
     raise ValueError(f"sub_chunk must be a power of two <= chunk_size = {chunk_size} with "
-                     f"sub_chunk * M >= {_MIN_DOT_DIM} (M = {m}, padded to {mp}), got {sub_chunk}")
-  dkp, dvp = (max(_MIN_DOT_DIM, pl.next_power_of_2(n)) for n in (dk, dv))
+                     f"sub_chunk * M >= {checks.MIN_DOT_DIM} (M = {m}, padded to {mp}), got "
+                     f"{sub_chunk}")
+  dkp, dvp = (max(checks.MIN_DOT_DIM, pl.next_power_of_2(n)) for n in (dk, dv))
   tp = -(-t // chunk_size) * chunk_size
   cfg = _Config(m=mp, scale=float(scale), chunk=chunk_size, steps=sub_chunk,
-                bwd_steps=min(sub_chunk, max(1, _MIN_DOT_DIM // mp)),
+                bwd_steps=min(sub_chunk, max(1, checks.MIN_DOT_DIM // mp)),
                 block_v=min(block_v, dvp), pipelined=jnp.dtype(v.dtype).itemsize < 4,
                 interpret=interpret)
   s0 = (jnp.zeros((bsz, nh, dkp, dvp), _F32) if initial_state is None

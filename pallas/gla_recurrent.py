@@ -19,8 +19,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
 
-# Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
-_MIN_DOT_DIM = 16
 # The kernels prefetch by hand (see `_prefetched_loop`); Triton's own pipelining stays off.
 _NUM_STAGES = 1
 
@@ -155,7 +153,7 @@ def _specs(t, m, dk, block_v):
 
 def _kernel_options(q, block_v, block_t, interpret):
   m, dk = q.shape[2], q.shape[4]
-  use_dot = min(m, dk, block_v) >= _MIN_DOT_DIM
+  use_dot = min(m, dk, block_v) >= checks.MIN_DOT_DIM
   return dict(queries=_queries(m, use_dot, interpret), block_t=block_t)
 
 

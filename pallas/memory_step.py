@@ -25,8 +25,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas import checks
 
 FEATURE_MAPS = ("identity", "elu1")
-# Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
-_MIN_DOT_DIM = 16
 # One step, nothing to pipeline.
 _NUM_STAGES = 1
 
@@ -107,7 +105,7 @@ def _read_out(q_ref, s, o_ref, *, feature_map, use_dot, interpret):
 
 
 def _use_dot(m, dk, block_v):
-  return min(m, dk, block_v) >= _MIN_DOT_DIM
+  return min(m, dk, block_v) >= checks.MIN_DOT_DIM
 
 
 def _update_kernel(frames_ref, queries_ref, *refs, num_layers, num_heads, gate_temperature,

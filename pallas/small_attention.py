@@ -19,9 +19,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
 
-# Triton's tl.dot needs every dimension >= 16; smaller products are done elementwise.
-_MIN_DOT_DIM = 16
-
 
 def _kernel(*refs, has_mask, scale, use_dot, precision):
   if has_mask:
@@ -89,7 +86,7 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
     # Flax's masked logits are the dtype's minimum: an additive large negative does the same.
     operands.append(jnp.where(mask, 0.0, -1e30).astype(jnp.float32))
     specs.append(pl.BlockSpec((None, num_keys), lambda i, h: (i, 0)))
-  use_dot = min(num_queries, num_keys, head_dim) >= _MIN_DOT_DIM
+  use_dot = min(num_queries, num_keys, head_dim) >= checks.MIN_DOT_DIM
   precision = lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
   return pl.pallas_call(
       functools.partial(_kernel, has_mask=mask is not None, scale=float(head_dim ** -0.5),
