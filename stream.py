@@ -13,8 +13,9 @@ most probable actions anticipated at its observation end (anticipation_seconds b
 next to the true action, then the per-frame latency. Writes WORKDIR/stream/<video>.npz (times
 (n,), probabilities/<head> (n, C): the anticipated distribution after every frame), <video>.json
 (the segments and latency summary) and <video>.png (the probability of the upcoming action
-over time, and the per-frame latency). Errors (no checkpoint, a model that does not match the config, an unknown video, unreadable
-features) exit with status 1 and one line; --verbosity=1 adds the traceback.
+over time, and the per-frame latency). Errors (no checkpoint, a model that does not match the
+config, an unknown video, unreadable features) exit with status 1 and one line; --verbosity=1
+adds the traceback.
 """
 
 import json
