@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clam_jax import streaming
-from clam_jax.processor import _NORM_EPS
+from clam_jax.processor import NORM_EPS
 from pallas import checks
 from pallas.fused_dense import Norm, fused_dense
 from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj
@@ -76,7 +76,7 @@ def prepare_fused_params(params, model_config):
   prepared = streaming.prepare_stream_params(params, config, cast=True)
   p, constants = prepared["params"], prepared["constants"]
   merged = constants["merged"]
-  flat = streaming._flat
+  flat = streaming.flat_dense
   layers = []
   for i in range(config.processor_layers):
     block = p["processor"][f"layer_{i}"]
@@ -149,7 +149,7 @@ def _processor(config, fused, carry, x):
   for layer, layer_carry in zip(fused["layers"], carry):
     u, z, conv, partial = mamba_in_conv(
         h[:, 0], layer["norm_scale"], layer["in_weight"], layer_carry["conv"],
-        layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=_NORM_EPS)
+        layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=NORM_EPS)
     # Summed once here: every scan_gate program needs the whole x_proj product.
     partial = jnp.sum(partial, axis=1, keepdims=True)
     y, ssm = mamba_scan_gate(partial, layer["dt_packed"], layer["dt_bias"], layer["A"],
@@ -255,7 +255,7 @@ def fused_stream_step(model_config, fused, state, features_t):
                     projection["bias"], residual=x)
   x = x.astype(dtype)
   processor_state, h = _processor(config, fused["processor"], state["processor"], x)
-  act = nn.RMSNorm(_NORM_EPS, dtype=dtype).apply(                         # (B, 1, D)
+  act = nn.RMSNorm(NORM_EPS, dtype=dtype).apply(                          # (B, 1, D)
       {"params": fused["processor"]["final_norm"]}, h)
   tokens = jnp.concatenate([state["act_tokens"][:, 1:], act], axis=1)
   b = act.shape[0]

@@ -19,7 +19,7 @@ from clam_jax import recurrent
 from clam_jax import ssm
 
 PROCESSORS = ("mamba", "gru", "lstm")
-_NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon
+NORM_EPS = 1e-5  # mamba_ssm's norm_epsilon
 
 
 def check_processor_config(config):
@@ -60,9 +60,9 @@ class Processor(nn.Module):
       make = lambda i: recurrent.RecurrentLayer(config.processor, config.d_model, dtype=dtype,
                                                 name=f"layer_{i}")
     self.layers = [make(i) for i in range(config.processor_layers)]
-    self.norms = [nn.RMSNorm(_NORM_EPS, dtype=dtype, name=f"norm_{i}")
+    self.norms = [nn.RMSNorm(NORM_EPS, dtype=dtype, name=f"norm_{i}")
                   for i in range(config.processor_layers)]
-    self.final_norm = nn.RMSNorm(_NORM_EPS, dtype=dtype)
+    self.final_norm = nn.RMSNorm(NORM_EPS, dtype=dtype)
     self.dropout = nn.Dropout(config.dropout)
 
   def __call__(self, x, mask, *, train):

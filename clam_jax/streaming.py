@@ -72,7 +72,7 @@ def prepare_stream_params(params, model_config, cast=False):
 
   def query(part, x):  # layer 0's cross-attention query projection of x (..., D) -> (..., H, DH)
     weights = params[part]["layer_0"]["cross_attention"]["query"]
-    return _dense(x, _flat(weights), dtype).reshape(x.shape[:-1] + weights["bias"].shape)
+    return _dense(x, flat_dense(weights), dtype).reshape(x.shape[:-1] + weights["bias"].shape)
 
   def constants(module):
     targets = module.predictor.first_targets()
@@ -110,7 +110,7 @@ def prepare_stream_params(params, model_config, cast=False):
   return prepared
 
 
-def _flat(weights):
+def flat_dense(weights):
   """A Dense or DenseGeneral's params as one product: {"kernel": (D_in, D_out), "bias": (D_out,)}
   (its outputs are the bias's axes)."""
   return {"kernel": weights["kernel"].reshape(-1, weights["bias"].size),
@@ -147,7 +147,7 @@ def merge_projections(params, model_config):
                                   for part in parts], axis=-1)
             for key in ("kernel", "bias")}
 
-  merged = {"classifiers": side_by_side([_flat(params[f"classifiers_{head}"])
+  merged = {"classifiers": side_by_side([flat_dense(params[f"classifiers_{head}"])
                                          for head in model_config.heads])}
   if model_config.memory:
     layers = [params["memory"][f"layer_{i}"] for i in range(model_config.memory_layers)]
@@ -155,13 +155,13 @@ def merge_projections(params, model_config):
     for layer in layers:
       norm = layer["frame_norm"]
       for name in ("key", "value", "gate"):
-        p = add_input(norm["bias"], _flat(layer["cross_attention"][name]))
+        p = add_input(norm["bias"], flat_dense(layer["cross_attention"][name]))
         frames.append({"kernel": norm["scale"][:, None] * p["kernel"], "bias": p["bias"]})
     merged["memory_frames"] = side_by_side(frames)
     merged["memory_layers"] = {
-        f"layer_{i}": {"qkv": side_by_side([_flat(layers[i]["self_attention"][name])
+        f"layer_{i}": {"qkv": side_by_side([flat_dense(layers[i]["self_attention"][name])
                                             for name in ("query", "key", "value")]),
-                       "out": _flat(layers[i]["self_attention"]["out"])}
+                       "out": flat_dense(layers[i]["self_attention"]["out"])}
         for i in range(1, len(layers))}
   predictor, n = params["predictor"], model_config.num_act_tokens
   layers = [predictor[f"layer_{i}"] for i in range(model_config.predictor_layers)]
@@ -172,14 +172,14 @@ def merge_projections(params, model_config):
     if model_config.memory:
       types = types.at[n:].set(predictor["memory_type"])
   merged["predictor_context"] = side_by_side(
-      [add_input(types, _flat(layer["cross_attention"][name]))
+      [add_input(types, flat_dense(layer["cross_attention"][name]))
        for layer in layers for name in ("key", "value")])
   merged["predictor_layers"] = {}
   for i, layer in enumerate(layers):
-    attention = lambda name: _flat(layer["self_attention"][name])
-    weights = {"cross_out": _flat(layer["cross_attention"]["out"])}
+    attention = lambda name: flat_dense(layer["self_attention"][name])
+    weights = {"cross_out": flat_dense(layer["cross_attention"]["out"])}
     if i:
-      weights["cross_query"] = _flat(layer["cross_attention"]["query"])
+      weights["cross_query"] = flat_dense(layer["cross_attention"]["query"])
     if i and model_config.future_queries == 1:
       value, out = attention("value"), attention("out")
       weights["self_value_out"] = {"kernel": highest(value["kernel"], out["kernel"]),
