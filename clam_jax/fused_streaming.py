@@ -16,8 +16,8 @@ against XLA's 0.344 (benchmarks/RESULTS.md). For batch 1: at batch B every strea
 weights (8x slower than streaming.stream_step at B = 64).
 
 Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
-power-of-two M memory tokens and F future queries (the EK100, THUMOS and demo configs, not
-Ego4D's F = 20); `check_fused_config` names what is not.
+a power-of-two number of memory tokens (every config in configs/); `check_fused_config` names
+what is not. Context rows and future queries are padded to powers of two (never attended).
 Weights are in config.dtype; outputs equal stream_step's up to the compute dtype's rounding
 (float32: ~1e-6).
 """
@@ -48,10 +48,9 @@ def check_fused_config(model_config):
     raise ValueError("the fused step needs config.model.memory_normalize=False")
   if config.act_token_selection != "fifo":
     raise ValueError("config.model.act_token_selection must be 'fifo' to stream")
-  for field in ("memory_tokens", "future_queries"):
-    if not checks.is_power_of_two(config[field]):
-      raise ValueError(f"the fused step needs config.model.{field} to be a power of two, found "
-                       f"{config[field]}")
+  if not checks.is_power_of_two(config.memory_tokens):
+    raise ValueError(f"the fused step needs config.model.memory_tokens to be a power of two, "
+                     f"found {config.memory_tokens}")
 
 
 def _norm(weights, eps=_LAYER_NORM_EPS, kind="layer"):
@@ -118,13 +117,17 @@ def prepare_fused_params(params, model_config):
     layer = predictor[f"layer_{i}"]
     predictor_layers.append({**weights, **{name: layer[name] for name in (
         "self_attention_norm", "cross_attention_norm", "ffn_norm", "ffn") if name in layer}})
-  context = dict(merged["predictor_context"])
-  if context["bias"].ndim == 2:  # a bias row per context token: padded as the context's rows
-    context["bias"] = _pad_rows(context["bias"], axis=0)
+  # The context's and the future queries' rows are padded to powers of two in the step (the
+  # kernels' tiles), and so are their bias rows here (one per context token / future query).
+  pad_bias_rows = lambda weights: (
+      {**weights, "bias": _pad_rows(weights["bias"], axis=0)}
+      if isinstance(weights, dict) and getattr(weights.get("bias"), "ndim", 1) == 2 else weights)
   fused["predictor"] = {
-      "context": context, "layers": predictor_layers,
-      "targets": constants["future_targets"][None],
-      "queries": constants["predictor_queries"].reshape(1, config.future_queries, -1)}
+      "context": pad_bias_rows(merged["predictor_context"]),
+      "layers": [{name: pad_bias_rows(weights) for name, weights in layer.items()}
+                 for layer in predictor_layers],
+      "targets": _pad_rows(constants["future_targets"][None]),
+      "queries": _pad_rows(constants["predictor_queries"].reshape(1, config.future_queries, -1))}
   classifiers = merged["classifiers"]
   pad = -classifiers["kernel"].shape[1] % _CLASSIFIER_BLOCK
   fused["classifiers"] = {"kernel": jnp.pad(classifiers["kernel"], ((0, 0), (0, pad))),
@@ -199,9 +202,12 @@ def _memory(config, fused, states, x):
 
 def _predictor(config, fused, context, mask):
   """context: (B, N + M, D) act-tokens then memory tokens (before the memory's final LayerNorm:
-  fused["context_norm"]); mask (B, N + M) bool -> (future tokens before the last LayerNorm
-  (B, F, D) float32, that LayerNorm)."""
+  fused["context_norm"]); mask (B, N + M) bool (both padded to a power of two) -> (future
+  tokens before the last LayerNorm (B, F padded to a power of two, D) float32, that LayerNorm)."""
   heads = config.predictor_heads
+  rows = fused["targets"].shape[1]  # F future queries, padded to a power of two
+  future_mask = (None if rows == config.future_queries else jnp.broadcast_to(
+      jnp.arange(rows) < config.future_queries, (context.shape[0], rows)))
   keys_values = fused_dense(context, fused["context"]["weight"], fused["context"]["bias"],
                             norm=fused.get("context_norm"), norm_from_row=config.num_act_tokens)
   x, norm = fused["targets"], None
@@ -212,7 +218,7 @@ def _predictor(config, fused, context, mask):
     elif i:  # the positions are folded into the qkv bias rows
       qkv = fused_dense(x, layer["self_qkv"]["weight"], layer["self_qkv"]["bias"], norm=norm)
       attended = small_attention(qkv, qkv, qkv, num_heads=heads, width=config.d_model,
-                                 column_blocks=(0, 1, 2))
+                                 column_blocks=(0, 1, 2), mask=future_mask)
       x = fused_dense(attended, layer["self_out"]["weight"], layer["self_out"]["bias"],
                       residual=x, residual_norm=norm)
     if i:
@@ -277,7 +283,7 @@ def fused_stream_step(model_config, fused, state, features_t):
                        norm=future_norm, norm_from_row=1).astype(jnp.float32)
   bounds = np.cumsum(list(config.heads.values()))
   heads = dict(zip(config.heads, np.split(np.arange(bounds[-1]), bounds[:-1])))
-  num_future = future.shape[1]
+  num_future = config.future_queries
   out = {"future": {}, "past": {}}
   for head, columns in heads.items():
     y = logits[..., columns[0]:columns[-1] + 1]

@@ -39,7 +39,9 @@ def _frames(rng):
     dict(memory_layers=1, memory_feature_map="elu1", type_embeddings=False, predictor_layers=1),
     dict(memory=False, processor_layers=1),
     dict(future_queries=4, memory_layers=1),
-], ids=["two_memory_layers", "one_memory_layer_elu1", "no_memory", "four_future_queries"])
+    dict(future_queries=5, num_act_tokens=3, memory_layers=1),  # rows padded to 8 in the step
+], ids=["two_memory_layers", "one_memory_layer_elu1", "no_memory", "four_future_queries",
+        "five_future_queries_three_act_tokens"])
 def test_fused_step_equals_stream_step_float32(overrides):
   config = _config(**overrides)
   params = random_params(config, MODALITIES)
@@ -96,7 +98,6 @@ def test_unsupported_configs_are_named():
   for overrides, field in ((dict(processor="gru"), "processor"),
                            (dict(memory_normalize=True, memory_feature_map="elu1"),
                             "memory_normalize"),
-                           (dict(future_queries=20), "future_queries"),
                            (dict(memory_tokens=6), "memory_tokens")):
     with pytest.raises(ValueError, match=field):
       make_fused_stream_step(_config(**overrides))
