@@ -1,6 +1,9 @@
 """The fused-kernel streaming step (clam_jax.fused_streaming, Pallas interpret mode on the CPU):
 the same states and logits as streaming.stream_step at every frame, in float32 and within the
-rounding of bfloat16; the whole EK100 step lowers through Triton; unsupported configs are named."""
+rounding of bfloat16; the shipped configs' steps lower through Triton; unsupported configs are
+named."""
+
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,6 @@ import pytest
 from clam_jax.fused_streaming import make_fused_stream_step, prepare_fused_params
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
-from configs import ek100
 from helpers import lower_for_h100, max_rel_err, model_config, random_params
 
 MODALITIES = {"rgb": 32, "flow": 16}
@@ -76,17 +78,19 @@ def test_fused_step_bfloat16_is_as_close_to_float32_as_the_xla_step():
     assert fused_err <= max(1.5 * xla_err, 4e-3) and fused_err <= 3e-2, (name, fused_err, xla_err)
 
 
-def test_ek100_fused_step_lowers_through_triton(monkeypatch):
-  """Every kernel of the EK100 step (D = 1024, bf16) lowers with the Pallas Triton backend for an
-  abstract H100 (not compiled: Triton's own compile errors show only on a GPU)."""
+@pytest.mark.parametrize("name", ["ek100", "ego4d", "thumos14"])
+def test_fused_step_lowers_through_triton(monkeypatch, name):
+  """Every kernel of a shipped config's step (D = 1024, bf16; Ego4D's 20 future queries padded to
+  32, THUMOS's 8) lowers with the Pallas Triton backend for an abstract H100 (not compiled:
+  Triton's own compile errors show only on a GPU)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the kernels' interpret default
-  config = ek100.get_config().model
+  config = importlib.import_module(f"configs.{name}").get_config().model
+  frame = {m: jax.ShapeDtypeStruct((1, d), jnp.float32) for m, d in config.modalities.items()}
   params = jax.eval_shape(
-      lambda k: CLAM(config).init(k, {"rgb": jnp.ones((1, 2, 1024))}, jnp.ones((1, 2), bool),
-                                  train=False)["params"], jax.random.key(0))
+      lambda k: CLAM(config).init(k, {m: jnp.ones((1, 2, d)) for m, d in config.modalities.items()},
+                                  jnp.ones((1, 2), bool), train=False)["params"], jax.random.key(0))
   fused = jax.eval_shape(lambda p: prepare_fused_params(p, config), params)
   state = jax.eval_shape(lambda: init_stream_state(config, 1))
-  frame = {"rgb": jax.ShapeDtypeStruct((1, 1024), jnp.float32)}
   text = lower_for_h100(make_fused_stream_step(config), fused, state, frame)
   assert "__gpu$xla.gpu.triton" in text
   for kernel in ("fused_dense", "small_attention", "mamba_in_conv", "mamba_scan_gate",
