@@ -48,12 +48,11 @@ def stream_video(config, workdir, video_id=None, checkpoint="best", kernels="xla
   """Streams one video of config.eval.split through a checkpoint of workdir.
 
   video_id: a video of the split's annotations (default: the first); kernels: make_streamer's.
-  Returns {"step": checkpoint
-  step, "video_id", "times": (n,) float64 seconds of the frames, "probabilities": {head: (n, C)
-  float32, the first future query's softmax after each frame}, "segments": [{"narration_id",
-  "start", "frame" (index of its observation end; -1: before the first frame), "action",
-  "top5": the 5 most probable actions there, "hit"}], "latency_ms": (n,) per step, each blocked
-  on (the first includes the compilation)}.
+  Returns {"step": checkpoint step, "video_id", "times": (n,) float64 seconds of the frames,
+  "probabilities": {head: (n, C) float32, the first future query's softmax after each frame},
+  "segments": [{"narration_id", "start", "frame" (index of its observation end; -1: before the
+  first frame), "action", "top5": the 5 most probable actions there, "hit"}], "latency_ms": (n,)
+  per step, each blocked on (the first includes the compilation)}.
   Raises ValueError (data.name not streamable, unknown video_id, make_streamer's) and
   train_lib.load_checkpoint's errors.
   """
