@@ -60,14 +60,16 @@ def default_blocks(r, k, n):
   """The Blocks of an (R rows, K) x (K, N) product at batch 1. A few rows: 2-column programs over
   whole 2048-long K chunks (many programs, each streaming long contiguous rows). 16+ rows: tl.dot
   in a pipelined loop with K split in four (the EK100 fused step on an H200: 250 us per frame
-  against 257 with K unsplit below 4096; benchmarks/RESULTS.md)."""
+  against 257 with K unsplit below 4096; benchmarks/RESULTS.md), where each quarter of K is a
+  whole number of 16-wide tl.dot steps."""
   if r < checks.MIN_DOT_DIM:
     return Blocks(block_n=2, block_k=2048)
+  split_k = 4 if k % (4 * checks.MIN_DOT_DIM) == 0 else 1
   if k >= 4096:
-    return Blocks(block_n=16, block_k=256, num_stages=3, split_k=4)
+    return Blocks(block_n=16, block_k=256, num_stages=3, split_k=split_k)
   if n >= 3072:
-    return Blocks(block_n=64, block_k=64, num_stages=3, split_k=4)
-  return Blocks(block_n=32, block_k=128, num_stages=3, split_k=4)
+    return Blocks(block_n=64, block_k=64, num_stages=3, split_k=split_k)
+  return Blocks(block_n=32, block_k=128, num_stages=3, split_k=split_k)
 
 
 def _row_stats(ref, kind, eps, block_k):

@@ -69,6 +69,19 @@ def test_fused_dense_reference_is_flax_norm_dense_residual():
     assert rel_err(out, expected) <= 1e-5, kind
 
 
+@pytest.mark.parametrize("r, k, n", [(1, 48, 40), (16, 30, 40), (16, 128, 32), (32, 6, 16)])
+def test_default_blocks_fit_any_width(r, k, n):
+  """default_blocks at widths that are not multiples of its blocks (K split only where each
+  quarter is a multiple of 16): the same product as the reference."""
+  rng = np.random.default_rng()
+  x = jnp.asarray(rng.standard_normal((1, r, k)), jnp.float32)
+  weight = jnp.asarray(rng.standard_normal((n, k)) / np.sqrt(k), jnp.float32)
+  residual = jnp.asarray(rng.standard_normal((1, r, n)), jnp.float32)
+  kwargs = dict(norm=_norm(rng, "layer", k), residual=residual, residual_norm=_norm(rng, "rms", n))
+  out = fused_dense(x, weight, interpret=True, **kwargs)
+  assert rel_err(out, fused_dense_reference(x, weight, **kwargs)) <= 1e-5
+
+
 def test_bad_arguments_name_what_is_wrong():
   x, weight = jnp.ones((1, 3, 8)), jnp.ones((16, 8))
   with pytest.raises(ValueError, match="power of two"):
