@@ -132,9 +132,9 @@ def sweep_mamba(key, quick):
                                          eps=1e-5, block_c=block_c, num_warps=num_warps))
     rows.append(measure(fn, in_weights, "mamba_in_conv", f"c{block_c} w{num_warps}", "in_conv",
                         4 * di * d / 1e3))
-  partial = normal((1, 1, x_packed.shape[1]))  # summed, as the fused step passes it
+  x_proj = normal((1, x_packed.shape[1]))
   for block_c, num_warps in SCAN_GATE:
-    fn = jax.jit(lambda _: mamba_scan_gate(partial, dt_packed, dt_bias, a, skip, ssm, u, z,
+    fn = jax.jit(lambda _: mamba_scan_gate(x_proj, dt_packed, dt_bias, a, skip, ssm, u, z,
                                            d_state=n, block_c=block_c, num_warps=num_warps))
     rows.append(measure(fn, in_weights, "mamba_scan_gate", f"c{block_c} w{num_warps}",
                         "scan_gate", None))

@@ -153,9 +153,8 @@ def _processor(config, fused, carry, x):
     u, z, conv, partial = mamba_in_conv(
         h[:, 0], layer["norm_scale"], layer["in_weight"], layer_carry["conv"],
         layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=NORM_EPS)
-    # Summed once here: every scan_gate program needs the whole x_proj product.
-    partial = jnp.sum(partial, axis=1, keepdims=True)
-    y, ssm = mamba_scan_gate(partial, layer["dt_packed"], layer["dt_bias"], layer["A"],
+    x_proj = jnp.sum(partial, axis=1)  # once: every scan_gate program needs all of it
+    y, ssm = mamba_scan_gate(x_proj, layer["dt_packed"], layer["dt_bias"], layer["A"],
                              layer["D"], layer_carry["ssm"], u, z, d_state=config.ssm.d_state)
     h = fused_dense(y[:, None], layer["out_weight"], residual=h)
     new_carry.append({"conv": conv, "ssm": ssm})

@@ -1,12 +1,12 @@
 """One streaming step of a Mamba block (one frame, batch B) as two fused Pallas (Triton) kernels.
 
 `mamba_in_conv`: RMSNorm of the residual stream, in_proj, the causal depthwise conv step and silu,
-and this channel block's share of x_proj; `mamba_scan_gate`: the rest of x_proj, dt_proj, softplus,
-the selective-scan step and the silu(z) gate. out_proj and the residual add come after them. Both
-grids are (B, Di / block_c): one program per block_c channels of one stream, so at batch 1 the
-weights, not the arithmetic, bound the time and each weight is read once. x_proj contracts over
+and this channel block's share of x_proj; `mamba_scan_gate`: dt_proj, softplus, the selective-scan
+step and the silu(z) gate. out_proj and the residual add come after them. Both grids are (B, Di /
+block_c): one program per block_c channels of one stream, so at batch 1 the weights, not the
+arithmetic, bound the time and each weight is read once. x_proj contracts over
 all of Di, which one program of the first kernel does not see: each writes its partial product
-(B, Di / block_c, P) and the second kernel sums the partials.
+(B, Di / block_c, P), which XLA sums before the second kernel.
 Semantics are those of `clam_jax.ssm.MambaBlock.step` on `nn.RMSNorm(eps, dtype=...)`'s output, as
 in `clam_jax.processor.Processor.step`; `mamba_in_conv_reference` / `mamba_scan_gate_reference`
 spell them out in jnp.
@@ -58,9 +58,9 @@ def pack_x_proj(x_kernel, dt_kernel, *, dt_rank, d_state):
   x_kernel: (Di, dt_rank + 2 d_state) (MambaBlock's x_proj kernel); dt_kernel: (dt_rank, Di)
   (dt_proj's). With R the next power of two >= dt_rank and P the next power of two >= R + 2 d_state,
   returns x_packed (Di, P), columns [0:dt_rank] the dt part, [R:R+d_state] B,
-  [R+d_state:R+2 d_state] C and zeros elsewhere, and dt_packed (R, Di), rows [0:dt_rank] dt_kernel and zeros after, both in
-  their inputs' dtypes. The zero rows of dt_packed meet the zero columns of x_packed, so dt_proj's
-  product is unchanged. d_state must be a power of two.
+  [R+d_state:R+2 d_state] C and zeros elsewhere, and dt_packed (R, Di), rows [0:dt_rank] dt_kernel
+  and zeros after, both in their inputs' dtypes. The zero rows of dt_packed meet the zero columns
+  of x_packed, so dt_proj's product is unchanged. d_state must be a power of two.
   """
   if not checks.is_power_of_two(d_state):
     raise ValueError(f"d_state must be a power of two, got {d_state}")
@@ -134,7 +134,7 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
   Returns u (B, Di) and z (B, Di) in the compute dtype, the new conv state (B, d_conv - 1, Di)
   float32 (written over conv_state's buffer where it is donated), and x_partial (B, Di / block_c,
   P) float32, whose sum over axis 1 is u @ x_packed. block_c: channels per program, a power of two
-  dividing Di; num_warps: Triton warps per program (8: 5.8 vs 7.0 us at 4 on an H200, EK100
+  dividing Di; num_warps: Triton warps per program (8: 5.5 vs 6.6 us at 4 on an H200, EK100
   layer, stream_kernel_sweep.py); interpret: Pallas interpret mode, None meaning
   off GPU. D is walked in power-of-two chunks dividing it.
   """
@@ -188,21 +188,16 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
     conv_bias.astype(jnp.float32), x_packed.astype(cdt))
 
 
-def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_ref, u_ref, z_ref,
+def _scan_gate_kernel(x_proj_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_ref, u_ref, z_ref,
                       y_ref, ssm_out_ref, *, d_state):
-  """Refs: partial (num_blocks, P); dt_packed (R, bc); dt_bias, d, u, z (bc,); a (bc, N); ssm
-  (bc, N). Writes y (bc,) and the new ssm state (bc, N)."""
+  """Refs: x_proj (P,); dt_packed (R, bc); dt_bias, d, u, z (bc,); a (bc, N); ssm (bc, N). Writes
+  y (bc,) and the new ssm state (bc, N)."""
   cdt = dt_packed_ref.dtype
   r = dt_packed_ref.shape[0]
-  num_blocks = partial_ref.shape[0]
 
   def x_proj_part(start, size):
-    """Columns [start, start + size) of x_proj's output: the partials summed, rounded to cdt.
-    Unrolled over blocks of partials, so that every load is in flight at once."""
-    block_n = _chunk(num_blocks, size)
-    acc = sum(jnp.sum(partial_ref[pl.ds(i, block_n), pl.ds(start, size)], axis=0)
-              for i in range(0, num_blocks, block_n))
-    return acc.astype(cdt).astype(jnp.float32)
+    """Columns [start, start + size) of x_proj's output, rounded to cdt."""
+    return x_proj_ref[pl.ds(start, size)].astype(cdt).astype(jnp.float32)
 
   dt = x_proj_part(0, r)
   b_in = x_proj_part(r, d_state)
@@ -218,11 +213,13 @@ def _scan_gate_kernel(partial_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm
 
 
 @functools.partial(jax.jit, static_argnames=("d_state", "block_c", "num_warps", "interpret"))
-def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state, block_c=16,
+def mamba_scan_gate(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state, block_c=16,
                     num_warps=4, interpret=None):
-  """x_proj's sum, dt_proj, softplus, the selective-scan step and the silu(z) gate of a Mamba step.
+  """dt_proj, softplus, the selective-scan step and the silu(z) gate of a Mamba step.
 
-  x_partial: (B, num_blocks, P) float32 from `mamba_in_conv` (any num_blocks); dt_packed: (R, Di) in
+  x_proj: (B, P) float32, u @ x_packed: the sum over axis 1 of `mamba_in_conv`'s partials (summed
+  once outside: every program needs all of it; in-kernel sums re-read by every program ran 6.1
+  against 3.3 + 1.4 us on an H200, EK100 layer); dt_packed: (R, Di) in
   the compute dtype, from `pack_x_proj` (the compute dtype is dt_packed.dtype); dt_bias: (Di,)
   float32; A: (Di, d_state) float32 (-exp(A_log)); D: (Di,) float32; ssm_state: (B, Di, d_state)
   float32; u, z: (B, Di) compute dtype. d_state: a power of two, R + 2 d_state <= P.
@@ -231,23 +228,23 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
   power of two dividing Di; num_warps: Triton warps per program; interpret: Pallas interpret mode,
   None meaning off GPU.
   """
-  b, num_blocks, p = x_partial.shape
+  b, p = x_proj.shape
   r, d_inner = dt_packed.shape
   if not checks.is_power_of_two(d_state):
     raise ValueError(f"d_state must be a power of two, got {d_state}")
   if not checks.is_power_of_two(r) or not checks.is_power_of_two(p) or r + 2 * d_state > p:
-    raise ValueError(f"dt_packed (R, Di) and x_partial (B, num_blocks, P) need powers of two R and "
-                     f"P with R + 2 d_state <= P (see pack_x_proj), got {tuple(dt_packed.shape)} "
-                     f"and {tuple(x_partial.shape)} with d_state = {d_state}")
+    raise ValueError(f"dt_packed (R, Di) and x_proj (B, P) need powers of two R and P with "
+                     f"R + 2 d_state <= P (see pack_x_proj), got {tuple(dt_packed.shape)} and "
+                     f"{tuple(x_proj.shape)} with d_state = {d_state}")
   for name, x, shape in (("dt_bias", dt_bias, (d_inner,)), ("A", A, (d_inner, d_state)),
                          ("D", D, (d_inner,)), ("ssm_state", ssm_state, (b, d_inner, d_state)),
                          ("u", u, (b, d_inner)), ("z", z, (b, d_inner))):
     if x.shape != shape:
       raise ValueError(f"{name} must have shape {shape} (Di = {d_inner} from dt_packed, B = {b} "
-                       f"from x_partial), got {tuple(x.shape)}")
+                       f"from x_proj), got {tuple(x.shape)}")
   _check_block_c(block_c, d_inner)
   cdt = dt_packed.dtype
-  partial = pl.BlockSpec((None, num_blocks, p), lambda i, j: (i, 0, 0))
+  x_proj_spec = pl.BlockSpec((None, p), lambda i, j: (i, 0))
   dt_packed_spec = pl.BlockSpec((r, block_c), lambda i, j: (0, j))
   channels = pl.BlockSpec((block_c,), lambda i, j: (j,))
   a_spec = pl.BlockSpec((block_c, d_state), lambda i, j: (j, 0))
@@ -257,7 +254,7 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
   return pl.pallas_call(
       kernel,
       grid=(b, d_inner // block_c),
-      in_specs=[partial, dt_packed_spec, channels, a_spec, channels, state, channels_of_row,
+      in_specs=[x_proj_spec, dt_packed_spec, channels, a_spec, channels, state, channels_of_row,
                 channels_of_row],
       out_specs=[channels_of_row, state],
       out_shape=[jax.ShapeDtypeStruct((b, d_inner), cdt),
@@ -266,7 +263,7 @@ def mamba_scan_gate(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_s
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
       interpret=_interpret(interpret),
       name=f"mamba_scan_gate_c{block_c}_w{num_warps}",
-  )(x_partial.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32), A.astype(jnp.float32),
+  )(x_proj.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32), A.astype(jnp.float32),
     D.astype(jnp.float32), ssm_state.astype(jnp.float32), u.astype(cdt), z.astype(cdt))
 
 
@@ -285,12 +282,12 @@ def mamba_in_conv_reference(h, norm_scale, in_weight, conv_state, conv_kernel, c
   return u, z, window[:, 1:], dot(u, x_packed.astype(cdt))[:, None]
 
 
-def mamba_scan_gate_reference(x_partial, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state):
+def mamba_scan_gate_reference(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state):
   """`mamba_scan_gate` in jnp."""
   cdt = dt_packed.dtype
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   r = dt_packed.shape[0]
-  x_dbl = f32(jnp.sum(f32(x_partial), axis=1).astype(cdt))
+  x_dbl = f32(f32(x_proj).astype(cdt))
   dt, b_in, c_in = x_dbl[:, :r], x_dbl[:, r:r + d_state], x_dbl[:, r + d_state:r + 2 * d_state]
   dt_proj = jnp.dot(dt.astype(cdt), dt_packed, precision="highest",
                     preferred_element_type=jnp.float32).astype(cdt)
