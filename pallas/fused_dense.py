@@ -27,8 +27,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
 
-# Row statistics of a residual are taken in chunks of this many columns (unrolled: not by block_n,
-# which can be 2).
+# Row statistics are taken in unrolled chunks of this many columns (not by the product's blocks,
+# which can be 2 columns wide: a 512-step unrolled loop compiled for minutes).
 _STATS_CHUNK = 512
 # Elements of an elementwise accumulator tile per warp: 64 float32 registers a thread.
 _TILE_PER_WARP = 2048
@@ -72,11 +72,12 @@ def default_blocks(r, k, n):
   return Blocks(block_n=32, block_k=128, num_stages=3, split_k=split_k)
 
 
-def _row_stats(ref, kind, eps, block_k):
+def _row_stats(ref, kind, eps):
   """ref: (R, K) -> (shift (R, 1), inverse scale (R, 1)) float32 of `Norm` kind over K."""
   total = squares = jnp.zeros((ref.shape[0], 1), jnp.float32)
-  for start in range(0, ref.shape[-1], block_k):  # unrolled: every chunk's load in flight at once
-    x = ref[:, pl.ds(start, block_k)].astype(jnp.float32)
+  chunk = _fit(_STATS_CHUNK, ref.shape[-1])
+  for start in range(0, ref.shape[-1], chunk):  # unrolled: every chunk's load in flight at once
+    x = ref[:, pl.ds(start, chunk)].astype(jnp.float32)
     total, squares = total + jnp.sum(x, axis=1)[:, None], squares + jnp.sum(x * x, axis=1)[:, None]
   mean_square = squares / ref.shape[-1]
   if kind == "rms":
@@ -104,8 +105,7 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   dtype = w_ref.dtype
   offset = pl.program_id(1) * w_ref.shape[-1]  # this program's share of K: its split
   rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
-  stats = (None if input_norm is None
-           else _row_stats(x_ref, input_norm.kind, input_norm.eps, block_k))
+  stats = None if input_norm is None else _row_stats(x_ref, input_norm.kind, input_norm.eps)
 
   def chunk(start, acc):
     x = x_ref[:, pl.ds(offset + start, block_k)]
@@ -156,8 +156,7 @@ def _store(acc, refs, activation, residual_norm):
       start = pl.multiple_of(pl.program_id(0) * block_n, block_n)
       residual = _normalize(
           residual_ref[:, pl.ds(start, block_n)].astype(jnp.float32),
-          _row_stats(residual_ref, residual_norm.kind, residual_norm.eps,
-                     _fit(_STATS_CHUNK, residual_ref.shape[-1])),
+          _row_stats(residual_ref, residual_norm.kind, residual_norm.eps),
           refs.get("residual_scale"), refs.get("residual_bias"), start, block_n)
     y = residual + y.astype(jnp.float32)
   out_ref[...] = y.astype(out_ref.dtype)
