@@ -4,10 +4,10 @@ Usage (GPU):  python benchmarks/stream_kernels.py [--out benchmarks/results/stre
               JAX_PLATFORMS=cpu python benchmarks/stream_kernels.py --quick   (CPU: no kernels
               in the trace, so it reports that and exits 1; checks the script runs)
 
-For the EK100 model (random params) at batch 1, each step variant ("bf16": stream_step on
-prepare_stream_params(cast=True), XLA's kernels; "fused": fused_streaming's Pallas kernels) runs a
-lax.scan of --steps frames once to compile, then once under jax.profiler.trace. From the trace's
-GPU events (perfetto JSON) it reports per frame: the wall time of the traced call, the summed
+For the EK100 model (random params) at batch 1, each step variant of replay.make_streamer ("bf16":
+stream_step on prepare_stream_params(cast=True), XLA's kernels; "fused": fused_streaming's Pallas
+kernels) runs a lax.scan of --steps frames once to compile, then once under jax.profiler.trace.
+From the trace's GPU events (perfetto JSON) it reports per frame: the wall time of the traced call, the summed
 kernel time (busy) and the rest (idle: launch gaps, the loop's own synchronisation), and every
 kernel name with its launches and microseconds. The Pallas kernels are named by shape
 (fused_dense_r<rows>_k<K>_n<N>_b<block_n>x<block_k>_w<warps>..., mamba_in_conv_c<block_c>_w<warps>,
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from clam_jax import fused_streaming  # noqa: E402
 from clam_jax import model as model_lib  # noqa: E402
+from clam_jax import replay  # noqa: E402
 from clam_jax import streaming  # noqa: E402
 from configs import ek100  # noqa: E402
 
@@ -88,12 +88,9 @@ def main():
   params = jax.jit(lambda k: model_lib.CLAM(config).init(
       k, jax.tree.map(lambda x: x[:2, 0][None], frames), jnp.ones((1, 2), bool),
       train=False)["params"])(key)
-  variants = {"bf16": (streaming.make_stream_step(config),
-                       streaming.prepare_stream_params(params, config, cast=True)),
-              "fused": (fused_streaming.make_fused_stream_step(config),
-                        fused_streaming.prepare_fused_params(params, config))}
   rows = []
-  for name, (step, prepared) in variants.items():
+  for name, kernels in (("bf16", "xla"), ("fused", "fused")):
+    prepared, step = replay.make_streamer(config, params, kernels)
     scan = jax.jit(lambda p, s, f, step=step: jax.lax.scan(lambda c, x: step(p, c, x), s, f))
     state = streaming.init_stream_state(config, 1)
     try:
