@@ -10,7 +10,7 @@ after 10 frames): the step with the params
   f32       streaming.prepare_stream_params(params, config): params-only work done once, the
             projections that share an input merged into one product each
   bf16      the same with cast=True: Dense kernels and biases in the compute dtype, cast once
-  fused     clam_jax.fused_streaming: the same step in fused Pallas kernels (~50 launches)
+  fused     clam_jax.fused_streaming: the same step in fused Pallas kernels (~64 launches)
 and for each: blocked (median ms of single calls, each blocked on), unblocked (mean ms per call of
 a Python loop of calls blocked once at the end: dispatch overlaps the device), scan (ms per frame
 of a lax.scan of 256 steps in one call) and kernels (`kernel_count` of the compiled step: the

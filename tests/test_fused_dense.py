@@ -1,7 +1,8 @@
 """pallas.fused_dense (Pallas interpret mode) against its jnp reference, at row counts taking both
-the elementwise and the tl.dot paths, the K loop unrolled and pipelined, K split over programs, widths that are not multiples of the blocks, row-wise and
-per-row biases, partial-row norms and normalised residuals; the reference against float64
-arithmetic and Flax's own LayerNorm / RMSNorm."""
+the elementwise and the tl.dot paths, the K loop unrolled and pipelined, K split over programs,
+widths that are not multiples of the blocks (default blocks too), row-wise and per-row biases,
+partial-row norms and normalised residuals; the reference against float64 arithmetic and Flax's
+own LayerNorm / RMSNorm."""
 
 import flax.linen as nn
 import jax.numpy as jnp
