@@ -57,24 +57,31 @@ def test_fused_step_equals_stream_step_float32(overrides):
 
 
 def test_fused_step_bfloat16_is_as_close_to_float32_as_the_xla_step():
-  """In bfloat16 the two steps round differently; each is compared to the float32 step. Params:
-  the init plus noise (the 0.5-scale params above make bf16 runs chaotic: 3-7 % for both)."""
+  """In bfloat16 the two steps round differently; each is compared to the float32 step, by the
+  mean error over 4 random models and inputs (one draw's fused / XLA ratio ranged 0.70-1.68 over
+  11 draws, the logits' error up to 3.7e-2 for both). Params: the init plus noise (the 0.5-scale
+  params above make bf16 runs chaotic: 3-7 % for both)."""
   config, f32 = _config(dtype="bfloat16"), _config()
   rng = np.random.default_rng()
   features = {m: np.ones((1, 2, d), np.float32) for m, d in MODALITIES.items()}
-  params = CLAM(config).init(jax.random.key(int(rng.integers(2**31))), features,
-                             np.ones((1, 2), bool), train=False)["params"]
-  params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(p.dtype), params)
-  frames = _frames(rng)
-  exact_state, exact = _run(make_stream_step(f32), prepare_stream_params(params, f32), f32,
-                            frames)
-  xla_state, xla = _run(make_stream_step(config),
-                        prepare_stream_params(params, config, cast=True), config, frames)
-  state, fused = _run(make_fused_stream_step(config), prepare_fused_params(params, config),
-                      config, frames)
-  for name, ref, out, exact_ in (("logits", xla, fused, exact),
-                                 ("state", xla_state, state, exact_state)):
-    xla_err, fused_err = max_rel_err(ref, exact_), max_rel_err(out, exact_)
+  errors = {"logits": [], "state": []}
+  for _ in range(4):
+    params = CLAM(config).init(jax.random.key(int(rng.integers(2**31))), features,
+                               np.ones((1, 2), bool), train=False)["params"]
+    params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(p.dtype),
+                          params)
+    frames = _frames(rng)
+    exact_state, exact = _run(make_stream_step(f32), prepare_stream_params(params, f32), f32,
+                              frames)
+    xla_state, xla = _run(make_stream_step(config),
+                          prepare_stream_params(params, config, cast=True), config, frames)
+    state, fused = _run(make_fused_stream_step(config), prepare_fused_params(params, config),
+                        config, frames)
+    for name, ref, out, exact_ in (("logits", xla, fused, exact),
+                                   ("state", xla_state, state, exact_state)):
+      errors[name].append((max_rel_err(ref, exact_), max_rel_err(out, exact_)))
+  for name, pairs in errors.items():
+    xla_err, fused_err = np.mean(pairs, axis=0)
     assert fused_err <= max(1.5 * xla_err, 4e-3) and fused_err <= 3e-2, (name, fused_err, xla_err)
 
 
