@@ -9,9 +9,10 @@ stream_step on prepare_stream_params(cast=True), XLA's kernels; "fused": fused_s
 kernels) runs a lax.scan of --steps frames once to compile, then once under jax.profiler.trace.
 From the trace's GPU events (perfetto JSON) it reports per frame: the wall time of the traced call, the summed
 kernel time (busy) and the rest (idle: launch gaps, the loop's own synchronisation), and every
-kernel name with its launches and microseconds. The Pallas kernels are named by shape
-(fused_dense_r<rows>_k<K>_n<N>_b<block_n>x<block_k>_w<warps>..., mamba_in_conv_c<block_c>_w<warps>,
-...), so each layer's cost can be read off.
+kernel name with its launches and microseconds, and the kernel time that ran concurrently with
+other kernels (summed durations minus the time covered by at least one kernel). The Pallas
+kernels are named by shape (fused_dense_r<rows>_k<K>_n<N>_b<block_n>x<block_k>_w<warps>...,
+mamba_in_conv_c<block_c>_w<warps>, ...), so each layer's cost can be read off.
 
 Prints a table per variant (top kernels) and writes every row to --out (JSON).
 """
@@ -67,7 +68,18 @@ def profile(name, run, steps):
   busy = sum(us for _, _, us in kernels)
   wall_us = 1e6 * wall / steps
   return dict(variant=name, wall_us=wall_us, busy_us=busy, idle_us=wall_us - busy,
+              concurrent_us=(busy - covered_us(events) / steps),
               launches=sum(n for _, n, _ in kernels), kernels=kernels)
+
+
+def covered_us(events):
+  """Microseconds during which at least one of the events ran (their intervals' union)."""
+  total, end = 0.0, float("-inf")
+  for start, stop in sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                            for e in events):
+    total += max(0.0, stop - max(start, end))
+    end = max(end, stop)
+  return total
 
 
 def main():
@@ -106,7 +118,8 @@ def main():
       continue
     print(f"\n== {row['variant']}: per frame wall {row['wall_us']:.1f} us = kernels busy "
           f"{row['busy_us']:.1f} us ({row['launches']:.0f} launches) + idle {row['idle_us']:.1f} us"
-          f"; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+          f"; {row['concurrent_us']:.1f} us of it concurrent with other kernels; "
+          f"{jax.devices()[0].device_kind}, jax {jax.__version__}")
     for kernel, launches, us in row["kernels"][:25]:
       print(f"  {us:8.2f} us  {launches:5.1f} x  {kernel[:90]}")
   if not any(row.get("kernels") for row in rows):
