@@ -29,8 +29,8 @@ from pallas import checks
 
 # Row statistics are taken in unrolled chunks of _STATS_TILE elements (R rows x 1024 / R columns),
 # 64 to 512 columns wide: not by the product's blocks, which can be 2 columns wide (a 512-step
-# unrolled loop compiled for minutes). At 16 rows, 512-column chunks made the normalised products
-# 1.4x slower than 64-column ones (H200; benchmarks/RESULTS.md, session 13).
+# unrolled loop compiled for minutes). 512-column chunks at 16-32 rows made the normalised products
+# 1.4-1.9x slower than these (H200: the EK100 step 0.238 vs 0.220 ms/frame; benchmarks/RESULTS.md).
 _STATS_TILE = 1024
 _STATS_COLUMNS = (64, 512)
 # Elements of an elementwise accumulator tile per warp: 64 float32 registers a thread.
@@ -109,14 +109,9 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   dtype = w_ref.dtype
   offset = pl.program_id(1) * w_ref.shape[-1]  # this program's share of K: its split
   rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
-  num_chunks = w_ref.shape[-1] // block_k
-  # Unrolled, the weight loads are issued before the row statistics are taken, so that the weights
-  # (what a batch-1 program waits on) stream in meanwhile.
-  weights = (None if pipelined
-             else [w_ref[:, pl.ds(c * block_k, block_k)] for c in range(num_chunks)])
   stats = None if input_norm is None else _row_stats(x_ref, input_norm.kind, input_norm.eps)
 
-  def chunk(start, acc, w=None):
+  def chunk(start, acc):
     x = x_ref[:, pl.ds(offset + start, block_k)]
     if input_norm is not None:
       normed = _normalize(x.astype(jnp.float32), stats, refs.get("norm_scale"),
@@ -124,7 +119,7 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
       x = normed if norm_from_row == 0 else jnp.where(rows >= norm_from_row, normed,
                                                       x.astype(jnp.float32))
     x = x.astype(dtype)
-    w = w_ref[:, pl.ds(start, block_k)] if w is None else w
+    w = w_ref[:, pl.ds(start, block_k)]
     if use_dot:
       return acc + _dot_transposed(x, w, precision)
     return acc + x.astype(jnp.float32)[:, None, :] * w.astype(jnp.float32)[None]
@@ -132,12 +127,13 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   # Without tl.dot the products accumulate elementwise in an (R, block_n, block_k) tile, reduced
   # once at the end rather than once per chunk.
   acc = jnp.zeros((num_rows, block_n) if use_dot else (num_rows, block_n, block_k), jnp.float32)
+  num_chunks = w_ref.shape[-1] // block_k
   if pipelined:  # Triton's software pipeline keeps num_stages chunks' loads in flight
     acc = lax.fori_loop(
         0, num_chunks, lambda c, acc: chunk(pl.multiple_of(c * block_k, block_k), acc), acc)
   else:  # unrolled: every chunk's loads in flight at once (at batch 1 a program is latency-bound)
     for c in range(num_chunks):
-      acc = chunk(c * block_k, acc, weights[c])
+      acc = chunk(c * block_k, acc)
   if not use_dot:
     acc = jnp.sum(acc, axis=2)
   if split:  # a partial sum: the epilogue comes after the splits are added
