@@ -22,13 +22,9 @@ Weights are in config.dtype; outputs equal stream_step's up to the compute dtype
 (float32: ~1e-6).
 """
 
-import functools
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import compute_on
 
 from clam_jax import streaming
 from clam_jax.processor import NORM_EPS
@@ -241,14 +237,6 @@ def _predictor(config, fused, context, mask):
   return x, norm
 
 
-def _on_second_stream(fn):
-  """fn as a region that XLA runs on a second GPU stream, concurrently with the work that does not
-  depend on it (XLA's explicit stream annotation; ignored off the GPU)."""
-  # JAX 0.10 names this region transform compute_on2; 0.11 compute_on.
-  region = getattr(compute_on, "compute_on2", compute_on.compute_on)
-  return region(fn, compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)
-
-
 def _pad_rows(x, axis=1):
   """x with zero (False) rows appended along axis up to a power-of-two length."""
   pad = [(0, 0)] * x.ndim
@@ -279,9 +267,8 @@ def fused_stream_step(model_config, fused, state, features_t):
   mask = jnp.concatenate([state["act_mask"][:, 1:], jnp.ones((b, 1), bool)], axis=1)
   context, context_mask, predictor = tokens, mask, dict(fused["predictor"])
   memory_state = state["memory"]
-  if config.memory:  # independent of the processor until the predictor: on a second stream
-    memory_tokens, memory_state = _on_second_stream(functools.partial(_memory, config))(
-        fused["memory"], memory_state, x)
+  if config.memory:
+    memory_tokens, memory_state = _memory(config, fused["memory"], memory_state, x)
     context = jnp.concatenate([tokens.astype(jnp.float32), memory_tokens], axis=1)
     context_mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
     predictor["context_norm"] = _norm(fused["memory"]["final_norm"])
