@@ -59,14 +59,16 @@ class Blocks(NamedTuple):
   split_k: int = 1
 
 
-def default_blocks(r, k, n):
-  """The Blocks of an (R rows, K) x (K, N) product at batch 1. A few rows: 2-column programs over
-  whole 2048-long K chunks (many programs, each streaming long contiguous rows). 16+ rows: tl.dot
-  in a pipelined loop with K split in four (the EK100 fused step on an H200: 250 us per frame
-  against 257 with K unsplit below 4096; benchmarks/RESULTS.md), where each quarter of K is a
-  whole number of 16-wide tl.dot steps."""
+def default_blocks(r, k, n, input_norm=False):
+  """The Blocks of an (R rows, K) x (K, N) product at batch 1 (input_norm: it normalises its
+  input rows). A few rows: 2-column programs over whole 2048-long K chunks (many programs, each
+  streaming long contiguous rows), 4-column ones with an input norm, whose rows and scale and bias
+  every program re-reads (the EK100 fused step on an H200: 0.213 vs 0.220 ms per frame). 16+ rows:
+  tl.dot in a pipelined loop with K split in four (the step: 250 us per frame against 257 with K
+  unsplit below 4096; benchmarks/RESULTS.md), where each quarter of K is a whole number of 16-wide
+  tl.dot steps."""
   if r < checks.MIN_DOT_DIM:
-    return Blocks(block_n=2, block_k=2048)
+    return Blocks(block_n=4 if input_norm else 2, block_k=2048)
   split_k = 4 if k % (4 * checks.MIN_DOT_DIM) == 0 else 1
   if k >= 4096:
     return Blocks(block_n=16, block_k=256, num_stages=3, split_k=split_k)
@@ -259,7 +261,7 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   activation: None or "relu", after the bias.
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
-  blocks: `Blocks`, None: default_blocks(R, K, N). With split_k > 1 the kernel writes float32
+  blocks: `Blocks`, None: default_blocks(R, K, N, norm is not None). With split_k > 1 the kernel writes float32
   partial sums and XLA adds them and applies the bias, activation, rounding and residual (the
   partials are not rounded to the compute dtype first).
   interpret: Pallas interpret mode (default: off on GPU, on elsewhere).
@@ -273,7 +275,8 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   n = weight.shape[0]
   if not checks.is_power_of_two(r) or r > 64:
     raise ValueError(f"x's row count R must be a power of two <= 64, got x of shape {x.shape}")
-  block_n, block_k, num_warps, num_stages, split_k = blocks or default_blocks(r, k, n)
+  block_n, block_k, num_warps, num_stages, split_k = blocks or default_blocks(
+      r, k, n, input_norm=norm is not None)
   if not checks.is_power_of_two(split_k) or k % split_k:
     raise ValueError(f"split_k must be a power of two dividing K = {k}, got {split_k}")
   k_split = k // split_k
