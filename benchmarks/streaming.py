@@ -36,6 +36,8 @@ batch 1 and 8, t = 10 and 1,000, fewer calls). Rows:
             softmax attention of the 16 memory tokens over a KV cache of every frame seen (same
             width: 8 heads of D / 8, bfloat16 cache); step as above. Everything else in its step
             is CLAM's, so its step minus CLAM's is the difference of the two memories.
+  fused     clam_jax.fused_streaming's step at batch 1 on the same state at t: step and scan as
+            clam's (bfloat16 weights, Pallas kernels)
 
 How t is reached. CLAM's state has a fixed size, but it is run for real: one batch-1 stream is
 advanced frame by frame (lax.scan of 100 steps per call) to each t, and the batch-64 rows start from
@@ -105,11 +107,15 @@ class SoftmaxCrossAttention(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, tokens, frames, mask, cache):
+  def __call__(self, tokens, frames, mask, cache, projections=None):
     """tokens: (B, M, D); frames: (B, 1, D), one streaming step (mask: all True, unused);
     cache: {"keys", "values": (B, H, C, DK) in config.dtype, "position": () int32, the frames
-    already in it}. Returns (read-out (B, M, D), the cache with this frame's key and value added).
+    already in it}; projections: CrossLinearAttention's precomputed ones, which the baseline (run
+    on raw params) never gets. Returns (read-out (B, M, D), the cache with this frame's key and
+    value added).
     """
+    if projections:
+      raise ValueError(f"the softmax baseline computes its own projections, got {list(projections)}")
     config = self.config
     dtype = jnp.dtype(config.dtype)
     heads, dk = config.memory_heads, config.d_model // config.memory_heads
@@ -150,6 +156,32 @@ def _memorize(module, x, state):
 
 def _predict(module, tokens, mask, memory_tokens):
   return module.classify(module.predictor(tokens, mask, memory_tokens, train=False))
+
+
+def make_fused_functions(config, params):
+  """(prepared weights, {step, scan}) of fused_streaming's step, as make_functions' (state
+  donated)."""
+  step = fused_streaming.make_fused_stream_step(config)
+
+  def scan(prepared, state, frames):
+    return jax.lax.scan(lambda s, f: step(prepared, s, f), state, frames)
+
+  return (fused_streaming.prepare_fused_params(params, config),
+          dict(step=jax.jit(step, donate_argnums=1), scan=jax.jit(scan, donate_argnums=1)))
+
+
+def measure_fused(fns, prepared, state_t, t, frame, frames, reps):
+  """The fused row at (B = 1, t): step and scan as measure_clam's; state_t is left as it was."""
+  row = dict(model="fused", batch=1, t=t, state_bytes=nbytes(state_t), first_call_s={})
+  (_, out), row["step_ms"], row["first_call_s"]["step"] = timed(
+      lambda c: fns["step"](prepared, c[0], frame), (copy(state_t), None), reps["calls"],
+      reps["warmup"])
+  row["finite"] = finite(out)
+  _, scan_ms, row["first_call_s"]["scan"] = timed(
+      lambda c: fns["scan"](prepared, c[0], frames), (copy(state_t), None), reps["scans"], 1)
+  row["scan_ms_per_frame"] = scan_ms / SCAN_STEPS
+  row.update(device_memory())
+  return row
 
 
 def make_functions(config):
@@ -425,6 +457,7 @@ def main():
   log(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, "
       f"{sum(p.size for p in jax.tree.leaves(params)) / 1e6:.1f} M params")
   clam_fns = make_functions(config)
+  fused_prepared, fused_fns = make_fused_functions(config, params)
   softmax_fns = make_functions(config)  # traced (at first call) under the swap below
   swap = mock.patch.object(clam, "CrossLinearAttention", SoftmaxCrossAttention)
   inputs = {b: (random_frames(frame_key, config, (b,)),
@@ -447,6 +480,9 @@ def main():
       rows.append(measure_clam(clam_fns, params, params_bf16, state_b, b, t, *inputs[b], reps))
       del state_b
       log(f"clam B={b} t={t}: step {rows[-1]['step_ms']:.3f} ms")
+      if b == 1:
+        rows.append(measure_fused(fused_fns, fused_prepared, state, t, *inputs[1], reps))
+        log(f"fused B=1 t={t}: step {rows[-1]['step_ms']:.3f} ms")
       with swap:
         rows.append(measure_softmax(softmax_fns, params, config, b, t, inputs[b][0], reps,
                                     jax.random.fold_in(cache_key, t)))
@@ -471,15 +507,15 @@ def plot(rows, path, device):
   import matplotlib.pyplot as plt
 
   fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for model, marker in (("clam", "o"), ("softmax", "s")):
+  for model, marker in (("clam", "o"), ("fused", "^"), ("softmax", "s")):
     for b, color in zip(sorted({r["batch"] for r in rows}), ("C0", "C1")):
       ok = [r for r in rows if r["model"] == model and r["batch"] == b and "step_ms" in r]
       t = [r["t"] for r in ok]
       style = dict(marker=marker, color=color, linestyle="-" if model == "clam" else "--")
       ax_time.plot(t, [r["step_ms"] for r in ok], label=f"{model} B={b} (step)", **style)
-      if model == "clam":
+      if model != "softmax" and ok:
         ax_time.plot(t, [r["scan_ms_per_frame"] for r in ok], marker=marker, color=color,
-                     linestyle=":", label=f"clam B={b} (scan of {SCAN_STEPS}, per frame)")
+                     linestyle=":", label=f"{model} B={b} (scan of {SCAN_STEPS}, per frame)")
       ax_memory.plot(t, [r["state_bytes"] / 2**20 for r in ok], label=f"{model} B={b} state",
                      **style)
       in_use = [(r["t"], r["bytes_in_use"] / 2**20) for r in ok if r.get("bytes_in_use")]

@@ -3,12 +3,14 @@ state; jit, vmap and export agree; prepared params give the same outputs with fe
 errors."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clam_jax import clam
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
 from helpers import MODALITIES, load_streaming_benchmark, max_rel_err, model_config
@@ -150,6 +152,19 @@ def test_prepared_params_stream_the_same_with_fewer_kernels(dtype):
   exported = jax.export.export(jax.jit(step))(prepared, initial, frame)
   assert max_rel_err(exported.call(prepared, initial, frame),
                      jax.jit(step)(prepared, initial, frame)) <= 1e-6
+
+
+def test_softmax_baseline_streams():
+  """benchmarks/streaming.py's softmax-memory baseline takes the call CLAM's memory makes of its
+  attention (it broke silently once, reported as an 'error' row) and gives finite outputs."""
+  config, params, *_ = _setup()
+  fns = streaming_benchmark.make_functions(config)
+  frame = _frames(np.random.default_rng(), 1)
+  with mock.patch.object(clam, "CrossLinearAttention", streaming_benchmark.SoftmaxCrossAttention):
+    row = streaming_benchmark.measure_softmax(fns, params, config, 1, 5, frame,
+                                              dict(calls=2, warmup=1), jax.random.key(0))
+  assert row["status"] == "ok", row.get("error")
+  assert row["finite"]
 
 
 def test_kernel_count_reads_hlo():
