@@ -510,10 +510,12 @@ def plot(rows, path, device):
   for model, marker in (("clam", "o"), ("fused", "^"), ("softmax", "s")):
     for b, color in zip(sorted({r["batch"] for r in rows}), ("C0", "C1")):
       ok = [r for r in rows if r["model"] == model and r["batch"] == b and "step_ms" in r]
+      if not any(r["model"] == model and r["batch"] == b for r in rows):
+        continue  # e.g. the fused step runs at batch 1 only
       t = [r["t"] for r in ok]
       style = dict(marker=marker, color=color, linestyle="-" if model == "clam" else "--")
       ax_time.plot(t, [r["step_ms"] for r in ok], label=f"{model} B={b} (step)", **style)
-      if model != "softmax" and ok:
+      if model != "softmax":
         ax_time.plot(t, [r["scan_ms_per_frame"] for r in ok], marker=marker, color=color,
                      linestyle=":", label=f"{model} B={b} (scan of {SCAN_STEPS}, per frame)")
       ax_memory.plot(t, [r["state_bytes"] / 2**20 for r in ok], label=f"{model} B={b} state",
