@@ -1,8 +1,8 @@
 """Online latency and memory: CLAM's stream_step against a softmax-attention memory, versus t.
 
 Usage (GPU):  python benchmarks/streaming.py [--out benchmarks/results/streaming.json]
-              python benchmarks/streaming.py --latency-only     (the variants table only, ~1 min)
-              JAX_PLATFORMS=cpu python benchmarks/streaming.py --quick     (CPU, tiny model)
+              python benchmarks/streaming.py --latency-only     (the variants table only, ~2 min)
+              JAX_PLATFORMS=cpu python benchmarks/streaming.py --quick     (CPU, tiny model, ~10 min)
 
 Variants table (every run, batch 1 and, for bf16 and fused, the largest batch; from the state
 after 10 frames): the step with the params
@@ -423,7 +423,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="a tiny model, B in {1, 8}, t in {10, 1000}, fewer calls: a CPU "
-                      "check in < 1 min")
+                      "check (~10 min on 2 cores: the fused step runs in Pallas interpret mode)")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/streaming[_quick].json);"
                       " the plot goes next to it (.png)")
   parser.add_argument("--latency-only", action="store_true",
