@@ -423,7 +423,7 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="a tiny model, B in {1, 8}, t in {10, 1000}, fewer calls: a CPU "
-                      "check (~10 min on 2 cores: the fused step runs in Pallas interpret mode)")
+                      "check (~10 min: the fused step runs in Pallas interpret mode)")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/streaming[_quick].json);"
                       " the plot goes next to it (.png)")
   parser.add_argument("--latency-only", action="store_true",
