@@ -261,9 +261,9 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   activation: None or "relu", after the bias.
   residual: (B or 1, R, N) or None; residual_norm: a `Norm` over N applied to it first, or None.
   Returns (B, R, N): float32 with a residual (the residual stream), else weight's dtype.
-  blocks: `Blocks`, None: default_blocks(R, K, N, norm is not None). With split_k > 1 the kernel writes float32
-  partial sums and XLA adds them and applies the bias, activation, rounding and residual (the
-  partials are not rounded to the compute dtype first).
+  blocks: `Blocks`, None: default_blocks(R, K, N, norm is not None). With split_k > 1 the kernel
+  writes float32 partial sums and XLA adds them and applies the bias, activation, rounding and
+  residual (the partials are not rounded to the compute dtype first).
   interpret: Pallas interpret mode (default: off on GPU, on elsewhere).
   """
   if x.ndim != 3:

@@ -66,11 +66,11 @@ def max_rel_err(out, ref):
   return max(rel_err(x, r) for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
 
 
-def load_streaming_benchmark():
-  """benchmarks/streaming.py as a module."""
+def load_benchmark(name):
+  """benchmarks/<name>.py as a module."""
   spec = importlib.util.spec_from_file_location(
-      "streaming_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
-                                          "streaming.py"))
+      f"{name}_benchmark", os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                        f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

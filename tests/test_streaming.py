@@ -13,9 +13,9 @@ import pytest
 from clam_jax import clam
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
-from helpers import MODALITIES, load_streaming_benchmark, max_rel_err, model_config
+from helpers import MODALITIES, load_benchmark, max_rel_err, model_config
 
-streaming_benchmark = load_streaming_benchmark()
+streaming_benchmark = load_benchmark("streaming")
 
 B, T, N = 2, 12, 5
 
@@ -165,6 +165,14 @@ def test_softmax_baseline_streams():
                                               dict(calls=2, warmup=1), jax.random.key(0))
   assert row["status"] == "ok", row.get("error")
   assert row["finite"]
+
+
+def test_concurrent_kernel_time_is_overlap():
+  """benchmarks/stream_kernels.py counts as concurrent the kernel time beyond the intervals'
+  union: [0, 5] and [3, 7] overlap by 2 us, [10, 11] by nothing."""
+  stream_kernels = load_benchmark("stream_kernels")
+  events = [dict(ts=3, dur=4), dict(ts=0, dur=5), dict(ts=10, dur=1)]
+  assert stream_kernels.covered_us(events) == 8.0
 
 
 def test_kernel_count_reads_hlo():

@@ -10,10 +10,10 @@ import pytest
 
 from clam_jax.model import CLAM
 from clam_jax.streaming import init_stream_state, make_stream_step, prepare_stream_params
-from helpers import (MODALITIES, load_streaming_benchmark, max_rel_err, model_config,
+from helpers import (MODALITIES, load_benchmark, max_rel_err, model_config,
                      random_params)
 
-streaming_benchmark = load_streaming_benchmark()
+streaming_benchmark = load_benchmark("streaming")
 
 B, T = 2, 9
 # EK100's layout at a small width: F = 1, two predictor and memory layers, three heads.
