@@ -87,6 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from clam_jax import clam  # noqa: E402
 from clam_jax import model as model_lib  # noqa: E402
 from clam_jax import fused_streaming  # noqa: E402
+from clam_jax import replay  # noqa: E402
 from clam_jax import streaming  # noqa: E402
 from configs import ek100  # noqa: E402
 
@@ -159,27 +160,30 @@ def _predict(module, tokens, mask, memory_tokens):
 
 
 def make_fused_functions(config, params):
-  """(prepared weights, {step, scan}) of fused_streaming's step, as make_functions' (state
-  donated)."""
-  step = fused_streaming.make_fused_stream_step(config)
+  """(prepared weights, {step, scan}) of fused_streaming's step (replay.make_streamer's), as
+  make_functions' (state donated)."""
+  prepared, step = replay.make_streamer(config, params, "fused")
+  scan = jax.jit(lambda prepared, state, frames: jax.lax.scan(
+      lambda s, f: step(prepared, s, f), state, frames), donate_argnums=1)
+  return prepared, dict(step=step, scan=scan)
 
-  def scan(prepared, state, frames):
-    return jax.lax.scan(lambda s, f: step(prepared, s, f), state, frames)
 
-  return (fused_streaming.prepare_fused_params(params, config),
-          dict(step=jax.jit(step, donate_argnums=1), scan=jax.jit(scan, donate_argnums=1)))
+def time_step_and_scan(fns, params, state_t, frame, frames, reps, row):
+  """Fills row's step_ms (single calls, each blocked on), finite, scan_ms_per_frame and
+  first_call_s; state_t is left as it was."""
+  (_, out), row["step_ms"], row["first_call_s"]["step"] = timed(
+      lambda c: fns["step"](params, c[0], frame), (copy(state_t), None), reps["calls"],
+      reps["warmup"])
+  row["finite"] = finite(out)
+  _, scan_ms, row["first_call_s"]["scan"] = timed(
+      lambda c: fns["scan"](params, c[0], frames), (copy(state_t), None), reps["scans"], 1)
+  row["scan_ms_per_frame"] = scan_ms / SCAN_STEPS
 
 
 def measure_fused(fns, prepared, state_t, t, frame, frames, reps):
   """The fused row at (B = 1, t): step and scan as measure_clam's; state_t is left as it was."""
   row = dict(model="fused", batch=1, t=t, state_bytes=nbytes(state_t), first_call_s={})
-  (_, out), row["step_ms"], row["first_call_s"]["step"] = timed(
-      lambda c: fns["step"](prepared, c[0], frame), (copy(state_t), None), reps["calls"],
-      reps["warmup"])
-  row["finite"] = finite(out)
-  _, scan_ms, row["first_call_s"]["scan"] = timed(
-      lambda c: fns["scan"](prepared, c[0], frames), (copy(state_t), None), reps["scans"], 1)
-  row["scan_ms_per_frame"] = scan_ms / SCAN_STEPS
+  time_step_and_scan(fns, prepared, state_t, frame, frames, reps, row)
   row.update(device_memory())
   return row
 
@@ -251,12 +255,7 @@ def measure_clam(fns, params, params_bf16, state_t, b, t, frame, frames, reps):
   """The clam row at (b, t); state_t (the state after t frames) is left as it was."""
   row = dict(model="clam", batch=b, t=t, state_bytes=nbytes(state_t), first_call_s={})
   calls, warmup = reps["calls"], reps["warmup"]
-  (_, out), row["step_ms"], row["first_call_s"]["step"] = timed(
-      lambda c: fns["step"](params, c[0], frame), (copy(state_t), None), calls, warmup)
-  row["finite"] = finite(out)
-  _, scan_ms, row["first_call_s"]["scan"] = timed(
-      lambda c: fns["scan"](params, c[0], frames), (copy(state_t), None), reps["scans"], 1)
-  row["scan_ms_per_frame"] = scan_ms / SCAN_STEPS
+  time_step_and_scan(fns, params, state_t, frame, frames, reps, row)
   _, row["step_bf16_kernels_ms"], row["first_call_s"]["step_bf16_kernels"] = timed(
       lambda c: fns["step"](params_bf16, c[0], frame), (copy(state_t), None), calls, warmup)
   ref = fns["step"](params, copy(state_t), frame)[1]
