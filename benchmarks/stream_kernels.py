@@ -6,13 +6,15 @@ Usage (GPU):  python benchmarks/stream_kernels.py [--out benchmarks/results/stre
 
 For the EK100 model (random params) at batch 1, each step variant of replay.make_streamer ("bf16":
 stream_step on prepare_stream_params(cast=True), XLA's kernels; "fused": fused_streaming's Pallas
-kernels) runs a lax.scan of --steps frames once to compile, then once under jax.profiler.trace.
+kernels, the processor's and the memory's side by side in shared launches), and "fused_serial"
+(the same kernels each launched alone: side_by_side=False) runs a lax.scan of --steps frames once to compile, then once under jax.profiler.trace.
 From the trace's GPU events (perfetto JSON) it reports per frame: the wall time of the traced call, the summed
 kernel time (busy) and the rest (idle: launch gaps, the loop's own synchronisation), and every
 kernel name with its launches and microseconds, and the kernel time that ran concurrently with
 other kernels (summed durations minus the time covered by at least one kernel). The Pallas
 kernels are named by shape (fused_dense_r<rows>_k<K>_n<N>_b<block_n>x<block_k>_w<warps>...,
-mamba_in_conv_c<block_c>_w<warps>, ...), so each layer's cost can be read off.
+mamba_in_conv_c<block_c>_w<warps>, ...; a shared launch joins its kernels' names with "_with_"),
+so each layer's cost can be read off.
 
 Prints a table per variant (top kernels) and writes every row to --out (JSON).
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from clam_jax import fused_streaming  # noqa: E402
 from clam_jax import model as model_lib  # noqa: E402
 from clam_jax import replay  # noqa: E402
 from clam_jax import streaming  # noqa: E402
@@ -101,8 +104,11 @@ def main():
       k, jax.tree.map(lambda x: x[:2, 0][None], frames), jnp.ones((1, 2), bool),
       train=False)["params"])(key)
   rows = []
-  for name, kernels in (("bf16", "xla"), ("fused", "fused")):
-    prepared, step = replay.make_streamer(config, params, kernels)
+  streamers = {"bf16": replay.make_streamer(config, params, "xla"),
+               "fused": replay.make_streamer(config, params, "fused")}
+  streamers["fused_serial"] = (streamers["fused"][0], jax.jit(
+      fused_streaming.make_fused_stream_step(config, side_by_side=False), donate_argnums=1))
+  for name, (prepared, step) in streamers.items():
     scan = jax.jit(lambda p, s, f, step=step: jax.lax.scan(lambda c, x: step(p, c, x), s, f))
     state = streaming.init_stream_state(config, 1)
     try:

@@ -10,7 +10,9 @@ after 10 frames): the step with the params
   f32       streaming.prepare_stream_params(params, config): params-only work done once, the
             projections that share an input merged into one product each
   bf16      the same with cast=True: Dense kernels and biases in the compute dtype, cast once
-  fused     clam_jax.fused_streaming: the same step in fused Pallas kernels (~64 launches)
+  fused     clam_jax.fused_streaming: the same step in fused Pallas kernels, the processor's and
+            the memory's side by side in shared launches
+  fused_serial  the same kernels each launched alone (side_by_side=False)
 and for each: blocked (median ms of single calls, each blocked on), unblocked (mean ms per call of
 a Python loop of calls blocked once at the end: dispatch overlaps the device), scan (ms per frame
 of a lax.scan of 256 steps in one call) and kernels (`kernel_count` of the compiled step: the
@@ -95,7 +97,7 @@ SEED_MS_PER_FRAME = 556 / 480
 TARGET_MS_PER_FRAME = 0.15
 SCAN_STEPS = 100
 VARIANT_SCAN_STEPS = 256
-VARIANTS = ("raw", "f32", "bf16", "fused")
+VARIANTS = ("raw", "f32", "bf16", "fused_serial", "fused")
 # HLO instructions that launch nothing: they name, pack or reinterpret buffers.
 _NO_LAUNCH = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
               "partition-id", "replica-id"}
@@ -373,14 +375,16 @@ def kernel_count(hlo_text):
 def measure_variants(config, params, state, frame, reps, names=VARIANTS):
   """The variants table's rows (module doc) at the batch of state and frame, for `names`."""
   steps = {"stream": streaming.make_stream_step(config),
-           "fused": fused_streaming.make_fused_stream_step(config)}
+           "fused": fused_streaming.make_fused_stream_step(config),
+           "fused_serial": fused_streaming.make_fused_stream_step(config, side_by_side=False)}
   frames = jax.tree.map(lambda x: jnp.broadcast_to(x, (VARIANT_SCAN_STEPS,) + x.shape), frame)
   prepare = {"raw": lambda: params, "f32": lambda: streaming.prepare_stream_params(params, config),
              "bf16": lambda: streaming.prepare_stream_params(params, config, cast=True),
              "fused": lambda: fused_streaming.prepare_fused_params(params, config)}
+  prepare["fused_serial"] = prepare["fused"]
   rows, reference = [], None
   for name in names:
-    step = steps["fused" if name == "fused" else "stream"]
+    step = steps.get(name, steps["stream"])
     jit_step = jax.jit(step, donate_argnums=1)
     jit_scan = jax.jit(lambda params, state, frames, step=step: jax.lax.scan(
         lambda s, f: step(params, s, f), state, frames), donate_argnums=1)

@@ -29,10 +29,11 @@ import numpy as np
 from clam_jax import streaming
 from clam_jax.processor import NORM_EPS
 from pallas import checks
-from pallas.fused_dense import Norm, fused_dense
-from pallas.mamba_step import mamba_in_conv, mamba_scan_gate, pack_x_proj
-from pallas.memory_step import memory_readout, memory_update
-from pallas.small_attention import small_attention
+from pallas.fused_dense import Norm, fused_dense, fused_dense_call
+from pallas.kernel_call import run_side_by_side
+from pallas.mamba_step import mamba_in_conv_call, mamba_scan_gate_call, pack_x_proj
+from pallas.memory_step import memory_readout_call, memory_update_call
+from pallas.small_attention import small_attention, small_attention_call
 
 _LAYER_NORM_EPS = 1e-6  # Flax's LayerNorm default, which every LayerNorm of the model keeps
 _CLASSIFIER_BLOCK = 64  # the classifier's columns are padded to a multiple of fused_dense's block
@@ -147,16 +148,18 @@ def _transposed(tree):
 
 
 def _processor(config, fused, carry, x):
-  """x: (B, 1, D) -> (carry, pre-norm residual stream (B, 1, D) float32)."""
+  """x: (B, 1, D) -> (carry, pre-norm residual stream (B, 1, D) float32). A branch: it yields its
+  KernelCalls and is sent their results (kernel_call.run_side_by_side)."""
   h, new_carry = x.astype(jnp.float32), []
   for layer, layer_carry in zip(fused["layers"], carry):
-    u, z, conv, partial = mamba_in_conv(
+    u, z, conv, partial = yield mamba_in_conv_call(
         h[:, 0], layer["norm_scale"], layer["in_weight"], layer_carry["conv"],
         layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=NORM_EPS)
     x_proj = jnp.sum(partial, axis=1)  # once: every scan_gate program needs all of it
-    y, ssm = mamba_scan_gate(x_proj, layer["dt_packed"], layer["dt_bias"], layer["A"],
-                             layer["D"], layer_carry["ssm"], u, z, d_state=config.ssm.d_state)
-    h = fused_dense(y[:, None], layer["out_weight"], residual=h)
+    y, ssm = yield mamba_scan_gate_call(x_proj, layer["dt_packed"], layer["dt_bias"], layer["A"],
+                                        layer["D"], layer_carry["ssm"], u, z,
+                                        d_state=config.ssm.d_state)
+    h = yield fused_dense_call(y[:, None], layer["out_weight"], residual=h)
     new_carry.append({"conv": conv, "ssm": ssm})
   return tuple(new_carry), h
 
@@ -170,32 +173,35 @@ def _ffn(weights, x, norm):
 
 
 def _memory(config, fused, states, x):
-  """x: (B, 1, D) -> (memory tokens before their final LayerNorm (B, M, D) float32, states)."""
+  """x: (B, 1, D) -> (memory tokens before their final LayerNorm (B, M, D) float32, states). A
+  branch, as _processor."""
   heads, feature_map = config.memory_heads, config.memory_feature_map
-  frames = fused_dense(x, fused["frames"]["weight"], fused["frames"]["bias"],
-                       norm=Norm("layer", eps=_LAYER_NORM_EPS))
-  read, states = memory_update(frames[:, 0], states, fused["queries"], num_heads=heads,
-                               gate_temperature=config.gate_temperature, feature_map=feature_map)
+  frames = yield fused_dense_call(x, fused["frames"]["weight"], fused["frames"]["bias"],
+                                  norm=Norm("layer", eps=_LAYER_NORM_EPS))
+  read, states = yield memory_update_call(
+      frames[:, 0], states, fused["queries"], num_heads=heads,
+      gate_temperature=config.gate_temperature, feature_map=feature_map)
   tokens = fused["tokens"]
   for i, layer in enumerate(fused["layers"]):
     if i:
       norm = _norm(layer["self_attention_norm"])
-      qkv = fused_dense(tokens, layer["self_attention"]["qkv"]["weight"],
-                        layer["self_attention"]["qkv"]["bias"], norm=norm)
-      attended = small_attention(qkv, qkv, qkv, num_heads=heads, width=config.d_model,
-                                 column_blocks=(0, 1, 2))
-      tokens = fused_dense(attended, layer["self_attention"]["out"]["weight"],
-                           layer["self_attention"]["out"]["bias"], residual=tokens)
-      query = fused_dense(tokens, layer["query"]["weight"], layer["query"]["bias"],
-                          norm=_norm(layer["cross_attention_norm"]))
-      read = memory_readout(query, states[i], feature_map=feature_map)
-    tokens = fused_dense(read, layer["out"]["weight"], layer["out"]["bias"], residual=tokens)
+      qkv = yield fused_dense_call(tokens, layer["self_attention"]["qkv"]["weight"],
+                                   layer["self_attention"]["qkv"]["bias"], norm=norm)
+      attended = yield small_attention_call(qkv, qkv, qkv, num_heads=heads,
+                                            width=config.d_model, column_blocks=(0, 1, 2))
+      tokens = yield fused_dense_call(attended, layer["self_attention"]["out"]["weight"],
+                                      layer["self_attention"]["out"]["bias"], residual=tokens)
+      query = yield fused_dense_call(tokens, layer["query"]["weight"], layer["query"]["bias"],
+                                     norm=_norm(layer["cross_attention_norm"]))
+      read = yield memory_readout_call(query, states[i], feature_map=feature_map)
+    tokens = yield fused_dense_call(read, layer["out"]["weight"], layer["out"]["bias"],
+                                    residual=tokens)
     # Pre-norm layers: the FFN's residual is the stream itself, not its normalisation.
-    hidden = fused_dense(tokens, layer["ffn"]["hidden"]["weight"],
-                         layer["ffn"]["hidden"]["bias"], norm=_norm(layer["ffn_norm"]),
-                         activation="relu")
-    tokens = fused_dense(hidden, layer["ffn"]["out"]["weight"], layer["ffn"]["out"]["bias"],
-                         residual=tokens)
+    hidden = yield fused_dense_call(tokens, layer["ffn"]["hidden"]["weight"],
+                                    layer["ffn"]["hidden"]["bias"], norm=_norm(layer["ffn_norm"]),
+                                    activation="relu")
+    tokens = yield fused_dense_call(hidden, layer["ffn"]["out"]["weight"],
+                                    layer["ffn"]["out"]["bias"], residual=tokens)
   return tokens, states
 
 
@@ -244,12 +250,15 @@ def _pad_rows(x, axis=1):
   return jnp.pad(x, pad)
 
 
-def fused_stream_step(model_config, fused, state, features_t):
+def fused_stream_step(model_config, fused, state, features_t, side_by_side=True):
   """streaming.stream_step's step through the fused kernels.
 
   fused: prepare_fused_params' output; state: streaming.init_stream_state's pytree;
   features_t: {modality: (B, F_m)}. Returns (state, {"future": {head: (B, F, C)}, "past": {head:
   (B, C)}}) float32 logits, as stream_step.
+  side_by_side: the processor's and the memory's kernels (independent until the predictor) run in
+  shared launches, a kernel of each per launch (kernel_call.run_side_by_side); False: each kernel
+  alone, one branch after the other (the same results; for comparison).
   """
   config = model_config
   dtype = jnp.dtype(config.dtype)
@@ -259,7 +268,14 @@ def fused_stream_step(model_config, fused, state, features_t):
     x = fused_dense(features_t[name][:, None], projection["weight"],
                     projection["bias"], residual=x)
   x = x.astype(dtype)
-  processor_state, h = _processor(config, fused["processor"], state["processor"], x)
+  branches = [_processor(config, fused["processor"], state["processor"], x)]
+  if config.memory:
+    branches.append(_memory(config, fused["memory"], state["memory"], x))
+  if side_by_side:
+    results = run_side_by_side(*branches)
+  else:
+    results = [run_side_by_side(branch)[0] for branch in branches]
+  processor_state, h = results[0]
   act = nn.RMSNorm(NORM_EPS, dtype=dtype).apply(                          # (B, 1, D)
       {"params": fused["processor"]["final_norm"]}, h)
   tokens = jnp.concatenate([state["act_tokens"][:, 1:], act], axis=1)
@@ -268,7 +284,7 @@ def fused_stream_step(model_config, fused, state, features_t):
   context, context_mask, predictor = tokens, mask, dict(fused["predictor"])
   memory_state = state["memory"]
   if config.memory:
-    memory_tokens, memory_state = _memory(config, fused["memory"], memory_state, x)
+    memory_tokens, memory_state = results[1]
     context = jnp.concatenate([tokens.astype(jnp.float32), memory_tokens], axis=1)
     context_mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
     predictor["context_norm"] = _norm(fused["memory"]["final_norm"])
@@ -292,9 +308,10 @@ def fused_stream_step(model_config, fused, state, features_t):
   return new_state, out
 
 
-def make_fused_stream_step(model_config):
-  """Returns fused_stream_step bound to model_config: (fused, state, features_t) -> (state, out).
-  Raises ValueError for a config the fused kernels do not support (check_fused_config)."""
+def make_fused_stream_step(model_config, side_by_side=True):
+  """Returns fused_stream_step bound to model_config (and side_by_side): (fused, state,
+  features_t) -> (state, out). Raises ValueError for a config the fused kernels do not support
+  (check_fused_config)."""
   check_fused_config(model_config)
   return lambda fused, state, features_t: fused_stream_step(model_config, fused, state,
-                                                            features_t)
+                                                            features_t, side_by_side)

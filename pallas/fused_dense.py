@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
+from pallas.kernel_call import KernelCall, interpret_default, launch
 
 # Row statistics are taken in unrolled chunks of _STATS_TILE elements (R rows x 1024 / R columns),
 # 64 to 512 columns wide: not by the product's blocks, which can be 2 columns wide (a 512-step
@@ -104,12 +104,12 @@ def _normalize(x, stats, scale_ref, bias_ref, start, size):
 
 
 def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation, block_k,
-            use_dot, precision, pipelined, split):
+            use_dot, precision, pipelined, split, program_id):
   refs = dict(zip(layout, refs))
   x_ref, w_ref, out_ref = refs["x"], refs["weight"], refs["out"]
   num_rows, block_n = out_ref.shape
   dtype = w_ref.dtype
-  offset = pl.program_id(1) * w_ref.shape[-1]  # this program's share of K: its split
+  offset = program_id(1) * w_ref.shape[-1]  # this program's share of K: its split
   rows = lax.broadcasted_iota(jnp.int32, (num_rows, 1), 0)
   stats = None if input_norm is None else _row_stats(x_ref, input_norm.kind, input_norm.eps)
 
@@ -141,10 +141,10 @@ def _kernel(*refs, layout, input_norm, residual_norm, norm_from_row, activation,
   if split:  # a partial sum: the epilogue comes after the splits are added
     out_ref[...] = acc
   else:
-    _store(acc, refs, activation, residual_norm)
+    _store(acc, refs, activation, residual_norm, program_id(0))
 
 
-def _store(acc, refs, activation, residual_norm):
+def _store(acc, refs, activation, residual_norm, column_block):
   """out = residual_norm(residual) + round(activation(acc + bias)); acc: (R, block_n) float32."""
   out_ref = refs["out"]
   block_n = out_ref.shape[-1]
@@ -159,7 +159,7 @@ def _store(acc, refs, activation, residual_norm):
     if residual_norm is None:
       residual = residual_ref[...].astype(jnp.float32)
     else:
-      start = pl.multiple_of(pl.program_id(0) * block_n, block_n)
+      start = pl.multiple_of(column_block * block_n, block_n)
       residual = _normalize(
           residual_ref[:, pl.ds(start, block_n)].astype(jnp.float32),
           _row_stats(residual_ref, residual_norm.kind, residual_norm.eps),
@@ -205,19 +205,14 @@ class _Operands:
       self.add("residual", residual, (None, r, n), lambda j, s, i: (index(i), 0, 0))
       self.add_norm("residual", residual_norm, n)
 
-  def call(self, body, *, grid, out_shape, out_spec, num_warps, num_stages, interpret, name):
-    if interpret is None:
-      interpret = jax.default_backend() != "gpu"
-    return pl.pallas_call(
-        functools.partial(body, layout=tuple(self.layout) + ("out",)),
-        grid=grid,
-        in_specs=self.specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=name,
-    )(*self.arrays)
+  def call(self, body, *, grid, out_shape, out_spec, num_warps, num_stages, interpret, name,
+           finish):
+    """The KernelCall of body over these operands and one output."""
+    return KernelCall(
+        kernel=functools.partial(body, layout=tuple(self.layout) + ("out",)), grid=grid,
+        in_specs=self.specs, out_specs=[out_spec], out_shape=[out_shape],
+        operands=tuple(self.arrays), finish=finish, num_warps=num_warps, num_stages=num_stages,
+        name=name, interpret=interpret_default(interpret))
 
 
 def _check_epilogue(b, r, n, bias, residual, residual_norm):
@@ -249,7 +244,7 @@ def _fit(block, dim):
 def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
                 residual=None, residual_norm=None, blocks=None, interpret=None):
   """act(norm(x) @ weight.T + bias), rounded to weight's dtype, plus an optional (normalised)
-  residual.
+  residual: `launch(fused_dense_call(...))`.
 
   x: (B, R, K), R rows per batch element (a power of two, at most 64); weight: (N, K), a Dense
   kernel transposed so that a program's loads run along contiguous K (at batch 1 the kernel is a
@@ -266,6 +261,15 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   residual (the partials are not rounded to the compute dtype first).
   interpret: Pallas interpret mode (default: off on GPU, on elsewhere).
   """
+  return launch(fused_dense_call(
+      x, weight, bias, norm=norm, norm_from_row=norm_from_row, activation=activation,
+      residual=residual, residual_norm=residual_norm, blocks=blocks, interpret=interpret))
+
+
+def fused_dense_call(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=None,
+                     residual=None, residual_norm=None, blocks=None, interpret=None):
+  """`fused_dense` as a KernelCall (same arguments; its result is fused_dense's), to launch alone
+  or side by side with independent calls."""
   if x.ndim != 3:
     raise ValueError(f"x must have shape (B, R, K), got {x.shape}")
   b, r, k = x.shape
@@ -311,12 +315,14 @@ def fused_dense(x, weight, bias=None, *, norm=None, norm_from_row=0, activation=
   name = f"fused_dense_r{r}_k{k}_n{n}_b{block_n}x{block_k}_w{num_warps}"
   name += "".join(f"_{tag}{value}" for tag, value in (("s", num_stages), ("split", split_k))
                   if value not in (None, 1))
-  out = operands.call(body, grid=(n // block_n, split_k, b), out_shape=out_shape,
-                      out_spec=out_spec, num_warps=num_warps, num_stages=num_stages or 1,
-                      interpret=interpret, name=name)
   if split:
-    out = _epilogue(jnp.sum(out, axis=0), bias, activation, weight.dtype, residual, residual_norm)
-  return out
+    finish = lambda outputs: _epilogue(jnp.sum(outputs[0], axis=0), bias, activation,
+                                       weight.dtype, residual, residual_norm)
+  else:
+    finish = lambda outputs: outputs[0]
+  return operands.call(body, grid=(n // block_n, split_k, b), out_shape=out_shape,
+                       out_spec=out_spec, num_warps=num_warps, num_stages=num_stages or 1,
+                       interpret=interpret, name=name, finish=finish)
 
 
 def _dot_transposed(a, b, precision):

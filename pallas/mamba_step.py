@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
+from pallas.kernel_call import KernelCall, interpret_default, launch, without_program_id
 
 # Elements of one broadcast product per loop iteration: about 32 float32 values a thread at 4
 # warps, so the (chunk, block_c) weight tiles stay in registers.
@@ -37,10 +37,6 @@ def _check_block_c(block_c, d_inner):
 def _chunk(n, block_c):
   """The power of two dividing n, at most _MAX_TILE / block_c, by which the kernels walk n."""
   return min(n & -n, max(_MAX_TILE // block_c, 1))
-
-
-def _interpret(interpret):
-  return jax.default_backend() != "gpu" if interpret is None else interpret
 
 
 def _silu(x):
@@ -124,7 +120,8 @@ def _in_conv_kernel(h_ref, scale_ref, wx_ref, wz_ref, conv_ref, conv_kernel_ref,
 @functools.partial(jax.jit, static_argnames=("eps", "block_c", "num_warps", "interpret"))
 def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, x_packed, *, eps,
                   block_c=16, num_warps=8, interpret=None):
-  """RMSNorm, in_proj, conv step + silu and the partial x_proj products of one Mamba step.
+  """RMSNorm, in_proj, conv step + silu and the partial x_proj products of one Mamba step:
+  `launch(mamba_in_conv_call(...))`.
 
   h: (B, D) float32 residual stream; norm_scale: (D,) float32 RMSNorm scale; in_weight: (2 Di, D),
   in_proj's kernel transposed (rows contiguous along D: coalesced loads), in the compute dtype
@@ -138,6 +135,14 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
   layer, stream_kernel_sweep.py); interpret: Pallas interpret mode, None meaning
   off GPU. D is walked in power-of-two chunks dividing it.
   """
+  return launch(mamba_in_conv_call(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias,
+                                   x_packed, eps=eps, block_c=block_c, num_warps=num_warps,
+                                   interpret=interpret))
+
+
+def mamba_in_conv_call(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, x_packed, *,
+                       eps, block_c=16, num_warps=8, interpret=None):
+  """`mamba_in_conv` as a KernelCall (same arguments and result)."""
   b, d_model = h.shape
   d_inner = in_weight.shape[0] // 2
   d_conv = conv_kernel.shape[0]
@@ -170,8 +175,8 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
   channels_of_row = pl.BlockSpec((None, block_c), lambda i, j: (i, j))
   partial = pl.BlockSpec((None, None, p), lambda i, j: (i, j, 0))
   kernel = functools.partial(_in_conv_kernel, eps=eps, chunk=_chunk(d_model, block_c))
-  return pl.pallas_call(
-      kernel,
+  return KernelCall(
+      kernel=without_program_id(kernel),
       grid=(b, num_blocks),
       in_specs=[row, vector, wx, wz, conv, conv_kernel_spec, channels, x_packed_spec],
       out_specs=[channels_of_row, channels_of_row, conv, partial],
@@ -179,13 +184,14 @@ def mamba_in_conv(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias, 
                  jax.ShapeDtypeStruct((b, d_inner), cdt),
                  jax.ShapeDtypeStruct(conv_state.shape, jnp.float32),
                  jax.ShapeDtypeStruct((b, num_blocks, p), jnp.float32)],
+      operands=(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_weight, in_weight,
+                conv_state.astype(jnp.float32), conv_kernel.astype(jnp.float32),
+                conv_bias.astype(jnp.float32), x_packed.astype(cdt)),
+      finish=tuple,
       input_output_aliases={4: 2},
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
-      interpret=_interpret(interpret),
-      name=f"mamba_in_conv_c{block_c}_w{num_warps}",  # blocks: told apart in traces
-  )(h.astype(jnp.float32), norm_scale.astype(jnp.float32), in_weight, in_weight,
-    conv_state.astype(jnp.float32), conv_kernel.astype(jnp.float32),
-    conv_bias.astype(jnp.float32), x_packed.astype(cdt))
+      num_warps=num_warps, num_stages=_NUM_STAGES,
+      interpret=interpret_default(interpret),
+      name=f"mamba_in_conv_c{block_c}_w{num_warps}")  # blocks: told apart in traces
 
 
 def _scan_gate_kernel(x_proj_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_ref, u_ref, z_ref,
@@ -215,7 +221,8 @@ def _scan_gate_kernel(x_proj_ref, dt_packed_ref, dt_bias_ref, a_ref, d_ref, ssm_
 @functools.partial(jax.jit, static_argnames=("d_state", "block_c", "num_warps", "interpret"))
 def mamba_scan_gate(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state, block_c=16,
                     num_warps=4, interpret=None):
-  """dt_proj, softplus, the selective-scan step and the silu(z) gate of a Mamba step.
+  """dt_proj, softplus, the selective-scan step and the silu(z) gate of a Mamba step:
+  `launch(mamba_scan_gate_call(...))`.
 
   x_proj: (B, P) float32, u @ x_packed: the sum over axis 1 of `mamba_in_conv`'s partials (summed
   once outside: every program needs all of it; in-kernel sums re-read by every program ran 6.1
@@ -228,6 +235,14 @@ def mamba_scan_gate(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_stat
   power of two dividing Di; num_warps: Triton warps per program; interpret: Pallas interpret mode,
   None meaning off GPU.
   """
+  return launch(mamba_scan_gate_call(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z,
+                                     d_state=d_state, block_c=block_c, num_warps=num_warps,
+                                     interpret=interpret))
+
+
+def mamba_scan_gate_call(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_state,
+                         block_c=16, num_warps=4, interpret=None):
+  """`mamba_scan_gate` as a KernelCall (same arguments and result)."""
   b, p = x_proj.shape
   r, d_inner = dt_packed.shape
   if not checks.is_power_of_two(d_state):
@@ -251,20 +266,22 @@ def mamba_scan_gate(x_proj, dt_packed, dt_bias, A, D, ssm_state, u, z, *, d_stat
   state = pl.BlockSpec((None, block_c, d_state), lambda i, j: (i, j, 0))
   channels_of_row = pl.BlockSpec((None, block_c), lambda i, j: (i, j))
   kernel = functools.partial(_scan_gate_kernel, d_state=d_state)
-  return pl.pallas_call(
-      kernel,
+  return KernelCall(
+      kernel=without_program_id(kernel),
       grid=(b, d_inner // block_c),
       in_specs=[x_proj_spec, dt_packed_spec, channels, a_spec, channels, state, channels_of_row,
                 channels_of_row],
       out_specs=[channels_of_row, state],
       out_shape=[jax.ShapeDtypeStruct((b, d_inner), cdt),
                  jax.ShapeDtypeStruct(ssm_state.shape, jnp.float32)],
+      operands=(x_proj.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32),
+                A.astype(jnp.float32), D.astype(jnp.float32), ssm_state.astype(jnp.float32),
+                u.astype(cdt), z.astype(cdt)),
+      finish=tuple,
       input_output_aliases={5: 1},
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES),
-      interpret=_interpret(interpret),
-      name=f"mamba_scan_gate_c{block_c}_w{num_warps}",
-  )(x_proj.astype(jnp.float32), dt_packed, dt_bias.astype(jnp.float32), A.astype(jnp.float32),
-    D.astype(jnp.float32), ssm_state.astype(jnp.float32), u.astype(cdt), z.astype(cdt))
+      num_warps=num_warps, num_stages=_NUM_STAGES,
+      interpret=interpret_default(interpret),
+      name=f"mamba_scan_gate_c{block_c}_w{num_warps}")
 
 
 def mamba_in_conv_reference(h, norm_scale, in_weight, conv_state, conv_kernel, conv_bias,

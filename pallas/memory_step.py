@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
+from pallas.kernel_call import KernelCall, interpret_default, launch, without_program_id
 
 FEATURE_MAPS = ("identity", "elu1")
 # One step, nothing to pipeline.
@@ -63,15 +63,6 @@ def _check_state(name, state, b, h, dk):
     raise ValueError(f"{name} must be float32, got {state.dtype}")
 
 
-def _interpret(interpret):
-  return jax.default_backend() != "gpu" if interpret is None else interpret
-
-
-def _compiler_params(num_warps):
-  # Without Triton compiler params, JAX >= 0.10 lowers pallas_call to Mosaic GPU instead.
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=_NUM_STAGES)
-
-
 def _phi(feature_map, x):
   """phi of a float32 array; elu(x) + 1 as where(x > 0, x + 1, exp x): one exp, no expm1."""
   return jnp.where(x > 0, x + 1, jnp.exp(x)) if feature_map == "elu1" else x
@@ -109,14 +100,14 @@ def _use_dot(m, dk, block_v):
 
 
 def _update_kernel(frames_ref, queries_ref, *refs, num_layers, num_heads, gate_temperature,
-                   feature_map, read_out):
+                   feature_map, read_out, program_id):
   """Refs: frames (3 L D,), queries (M, DK), L state slices in (DK, block_v); writes o (M,
   block_v), L state slices."""
   states_in, o_ref, states_out = refs[:num_layers], refs[num_layers], refs[num_layers + 1:]
   dk = queries_ref.shape[-1]
   block_v = o_ref.shape[-1]
-  head = pl.program_id(1)
-  v_offset = pl.program_id(2) * block_v
+  head = program_id(1)
+  v_offset = program_id(2) * block_v
 
   def load(layer, j, offset=0, size=dk):
     """Columns [offset, offset + size) of block j (key, value, gate) of this head of `layer`."""
@@ -135,7 +126,8 @@ def _update_kernel(frames_ref, queries_ref, *refs, num_layers, num_heads, gate_t
 
 def memory_update(frames, states, queries, *, num_heads, gate_temperature, feature_map="identity",
                   block_v=32, num_warps=4, interpret=None):
-  """Every memory layer's state advanced by one frame, and layer 0's read-out of its new state.
+  """Every memory layer's state advanced by one frame, and layer 0's read-out of its new state:
+  `launch(memory_update_call(...))`.
 
   frames: (B, L * 3 * D) compute dtype, the merged frame projection: for layer l = 0..L-1 the key,
     value and gate (each D = H * DK, head-major) at columns (3 l + j) * D, j = 0, 1, 2 (the layout
@@ -154,6 +146,14 @@ def memory_update(frames, states, queries, *, num_heads, gate_temperature, featu
   The state outputs alias their inputs (donate them under jit to update in place). M and DK must
   be powers of two.
   """
+  return launch(memory_update_call(
+      frames, states, queries, num_heads=num_heads, gate_temperature=gate_temperature,
+      feature_map=feature_map, block_v=block_v, num_warps=num_warps, interpret=interpret))
+
+
+def memory_update_call(frames, states, queries, *, num_heads, gate_temperature,
+                       feature_map="identity", block_v=32, num_warps=4, interpret=None):
+  """`memory_update` as a KernelCall (same arguments and result)."""
   _check_feature_map(feature_map)
   states = tuple(states)
   num_layers = len(states)
@@ -176,7 +176,7 @@ def memory_update(frames, states, queries, *, num_heads, gate_temperature, featu
     raise ValueError(f"gate_temperature must be > 0, got {gate_temperature}")
   block_v = _block_v(block_v, dk)
   num_v_blocks = dk // block_v
-  interpret = _interpret(interpret)
+  interpret = interpret_default(interpret)
   read_out = functools.partial(_read_out, feature_map=feature_map,
                                use_dot=_use_dot(m, dk, block_v), interpret=interpret)
   kernel = functools.partial(_update_kernel, num_layers=num_layers, num_heads=num_heads,
@@ -189,19 +189,19 @@ def memory_update(frames, states, queries, *, num_heads, gate_temperature, featu
   state_spec = pl.BlockSpec((None, None, dk, block_v), lambda i, h, j: (i, h, 0, j))
   # Head h's DV block j: o's columns h DK + j block_v, counted in blocks of block_v.
   o_spec = pl.BlockSpec((None, m, block_v), lambda i, h, j: (i, 0, h * num_v_blocks + j))
-  o, *new_states = pl.pallas_call(
-      kernel,
+  return KernelCall(
+      kernel=kernel,
       grid=(b, num_heads, num_v_blocks),
       in_specs=[frames_spec, queries_spec] + [state_spec] * num_layers,
       out_specs=[o_spec] + [state_spec] * num_layers,
       out_shape=[jax.ShapeDtypeStruct((b, m, num_heads * dk), frames.dtype)]
       + [jax.ShapeDtypeStruct(state.shape, jnp.float32) for state in states],
+      operands=(frames, queries, *states),
+      finish=lambda outputs: (outputs[0], tuple(outputs[1:])),
       input_output_aliases={2 + i: 1 + i for i in range(num_layers)},
-      compiler_params=_compiler_params(num_warps),
+      num_warps=num_warps, num_stages=_NUM_STAGES,
       interpret=interpret,
-      name="memory_update",
-  )(frames, queries, *states)
-  return o, tuple(new_states)
+      name="memory_update")
 
 
 def _readout_kernel(q_ref, s_ref, o_ref, *, read_out):
@@ -210,7 +210,7 @@ def _readout_kernel(q_ref, s_ref, o_ref, *, read_out):
 
 
 def memory_readout(q, state, *, feature_map="identity", block_v=32, num_warps=4, interpret=None):
-  """The read-out of M tokens from one memory layer's state.
+  """The read-out of M tokens from one memory layer's state: `launch(memory_readout_call(...))`.
 
   q: (B, M, D) compute dtype, the tokens' query projections (H heads of DK, head-major);
   state: (B, H, DK, DV) float32 with DV = DK = D / H; feature_map: phi, "identity" or "elu1";
@@ -220,6 +220,13 @@ def memory_readout(q, state, *, feature_map="identity", block_v=32, num_warps=4,
   Returns o (B, M, D) in q's dtype: o[b, m, h] = DK^-1/2 phi(q[b, m, h]) state[b, h]. M and DK
   must be powers of two.
   """
+  return launch(memory_readout_call(q, state, feature_map=feature_map, block_v=block_v,
+                                    num_warps=num_warps, interpret=interpret))
+
+
+def memory_readout_call(q, state, *, feature_map="identity", block_v=32, num_warps=4,
+                        interpret=None):
+  """`memory_readout` as a KernelCall (same arguments and result)."""
   _check_feature_map(feature_map)
   if q.ndim != 3:
     raise ValueError(f"q must have rank 3 (B, M, D), got shape {_shape(q)}")
@@ -233,23 +240,24 @@ def memory_readout(q, state, *, feature_map="identity", block_v=32, num_warps=4,
   _check_power_of_two("state", "DK", dk, _shape(state))
   block_v = _block_v(block_v, dk)
   num_v_blocks = dk // block_v
-  interpret = _interpret(interpret)
+  interpret = interpret_default(interpret)
   read_out = functools.partial(_read_out, feature_map=feature_map,
                                use_dot=_use_dot(m, dk, block_v), interpret=interpret)
   # Head h's queries (all DK) and its DV block j of o, in q's and o's (B, M, D) layout.
   q_spec = pl.BlockSpec((None, m, dk), lambda i, hd, j: (i, 0, hd))
   state_spec = pl.BlockSpec((None, None, dk, block_v), lambda i, hd, j: (i, hd, 0, j))
   o_spec = pl.BlockSpec((None, m, block_v), lambda i, hd, j: (i, 0, hd * num_v_blocks + j))
-  return pl.pallas_call(
-      functools.partial(_readout_kernel, read_out=read_out),
+  return KernelCall(
+      kernel=without_program_id(functools.partial(_readout_kernel, read_out=read_out)),
       grid=(b, h, num_v_blocks),
       in_specs=[q_spec, state_spec],
-      out_specs=o_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_compiler_params(num_warps),
+      out_specs=[o_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+      operands=(q, state),
+      finish=lambda outputs: outputs[0],
+      num_warps=num_warps, num_stages=_NUM_STAGES,
       interpret=interpret,
-      name="memory_readout",
-  )(q, state)
+      name="memory_readout")
 
 
 def _feature_map_reference(feature_map, x):

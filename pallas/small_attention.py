@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from pallas import checks
+from pallas.kernel_call import KernelCall, interpret_default, launch, without_program_id
 
 
 def _kernel(*refs, has_mask, scale, use_dot, precision):
@@ -54,7 +54,16 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
   place, not sliced), head-major: H = num_heads heads of dh = D / H. mask: (B, K) bool (False:
   never attended) or None. Q, K and dh must be powers of two. Logits and softmax in float32 (a fully
   masked row attends uniformly, as Flax's). Returns (B, Q, D) in v's dtype.
+  `launch(small_attention_call(...))`.
   """
+  return launch(small_attention_call(q, k, v, num_heads=num_heads, width=width,
+                                     column_blocks=column_blocks, mask=mask, num_warps=num_warps,
+                                     interpret=interpret))
+
+
+def small_attention_call(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=None,
+                         num_warps=4, interpret=None):
+  """`small_attention` as a KernelCall (same arguments and result)."""
   b, num_keys = k.shape[:2]
   num_queries = q.shape[1]
   d = width
@@ -70,9 +79,6 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
   for name, size in (("Q", num_queries), ("K", num_keys), ("dh", head_dim)):
     if not checks.is_power_of_two(size):
       raise ValueError(f"small_attention needs powers of two: {name} = {size}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-
   def spec(array, block):
     batch = (lambda i: 0) if array.shape[0] == 1 else (lambda i: i)
     return pl.BlockSpec((None, array.shape[1], head_dim),
@@ -88,17 +94,19 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
     specs.append(pl.BlockSpec((None, num_keys), lambda i, h: (i, 0)))
   use_dot = min(num_queries, num_keys, head_dim) >= checks.MIN_DOT_DIM
   precision = lax.Precision.HIGHEST if v.dtype == jnp.float32 else None
-  return pl.pallas_call(
-      functools.partial(_kernel, has_mask=mask is not None, scale=float(head_dim ** -0.5),
-                        use_dot=use_dot, precision=precision),
+  return KernelCall(
+      kernel=without_program_id(functools.partial(
+          _kernel, has_mask=mask is not None, scale=float(head_dim ** -0.5), use_dot=use_dot,
+          precision=precision)),
       grid=(b, num_heads),
       in_specs=specs,
-      out_specs=pl.BlockSpec((None, num_queries, head_dim), lambda i, h: (i, 0, h)),
-      out_shape=jax.ShapeDtypeStruct((b, num_queries, d), v.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret,
-      name=f"small_attention_q{num_queries}_k{num_keys}",
-  )(*operands)
+      out_specs=[pl.BlockSpec((None, num_queries, head_dim), lambda i, h: (i, 0, h))],
+      out_shape=[jax.ShapeDtypeStruct((b, num_queries, d), v.dtype)],
+      operands=tuple(operands),
+      finish=lambda outputs: outputs[0],
+      num_warps=num_warps, num_stages=1,
+      interpret=interpret_default(interpret),
+      name=f"small_attention_q{num_queries}_k{num_keys}")
 
 
 def small_attention_reference(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=None):
