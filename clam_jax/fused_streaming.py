@@ -147,14 +147,15 @@ def _transposed(tree):
   return tree
 
 
-def _processor(config, fused, carry, x):
+def _processor(config, fused, carry, x, in_conv_warps):
   """x: (B, 1, D) -> (carry, pre-norm residual stream (B, 1, D) float32). A branch: it yields its
   KernelCalls and is sent their results (kernel_call.run_side_by_side)."""
   h, new_carry = x.astype(jnp.float32), []
   for layer, layer_carry in zip(fused["layers"], carry):
     u, z, conv, partial = yield mamba_in_conv_call(
         h[:, 0], layer["norm_scale"], layer["in_weight"], layer_carry["conv"],
-        layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=NORM_EPS)
+        layer["conv_kernel"], layer["conv_bias"], layer["x_packed"], eps=NORM_EPS,
+        num_warps=in_conv_warps)
     x_proj = jnp.sum(partial, axis=1)  # once: every scan_gate program needs all of it
     y, ssm = yield mamba_scan_gate_call(x_proj, layer["dt_packed"], layer["dt_bias"], layer["A"],
                                         layer["D"], layer_carry["ssm"], u, z,
@@ -258,7 +259,8 @@ def fused_stream_step(model_config, fused, state, features_t, side_by_side=True)
   (B, C)}}) float32 logits, as stream_step.
   side_by_side: the processor's and the memory's kernels (independent until the predictor) run in
   shared launches, a kernel of each per launch (kernel_call.run_side_by_side); False: each kernel
-  alone, one branch after the other (the same results; for comparison).
+  alone, one branch after the other (for comparison; the same results up to the rounding of
+  sums taken by other numbers of warps).
   """
   config = model_config
   dtype = jnp.dtype(config.dtype)
@@ -268,14 +270,18 @@ def fused_stream_step(model_config, fused, state, features_t, side_by_side=True)
     x = fused_dense(features_t[name][:, None], projection["weight"],
                     projection["bias"], residual=x)
   x = x.astype(dtype)
-  branches = [_processor(config, fused["processor"], state["processor"], x)]
-  if config.memory:
-    branches.append(_memory(config, fused["memory"], state["memory"], x))
+  # A shared launch runs every program with the most warps of its kernels: mamba_in_conv's 8
+  # (its best alone) slowed the kernels beside it, and 4 made the step 4 % faster (H100, EK100:
+  # 0.2005 vs 0.2098 ms per frame, benchmarks/RESULTS.md).
+  branches = [_processor(config, fused["processor"], state["processor"], x,
+                         in_conv_warps=4 if side_by_side else 8)]
+  if config.memory:  # the memory's programs first in each shared grid: ~1 % faster
+    branches.insert(0, _memory(config, fused["memory"], state["memory"], x))
   if side_by_side:
     results = run_side_by_side(*branches)
   else:
     results = [run_side_by_side(branch)[0] for branch in branches]
-  processor_state, h = results[0]
+  processor_state, h = results[-1]
   act = nn.RMSNorm(NORM_EPS, dtype=dtype).apply(                          # (B, 1, D)
       {"params": fused["processor"]["final_norm"]}, h)
   tokens = jnp.concatenate([state["act_tokens"][:, 1:], act], axis=1)
@@ -284,7 +290,7 @@ def fused_stream_step(model_config, fused, state, features_t, side_by_side=True)
   context, context_mask, predictor = tokens, mask, dict(fused["predictor"])
   memory_state = state["memory"]
   if config.memory:
-    memory_tokens, memory_state = results[1]
+    memory_tokens, memory_state = results[0]
     context = jnp.concatenate([tokens.astype(jnp.float32), memory_tokens], axis=1)
     context_mask = jnp.concatenate([mask, jnp.ones(memory_tokens.shape[:2], bool)], axis=1)
     predictor["context_norm"] = _norm(fused["memory"]["final_norm"])
