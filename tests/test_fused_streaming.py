@@ -1,7 +1,7 @@
 """The fused-kernel streaming step (clam_jax.fused_streaming, Pallas interpret mode on the CPU):
 the same states and logits as streaming.stream_step at every frame, in float32 and within the
-rounding of bfloat16; the shipped configs' steps lower through Triton; unsupported configs are
-named."""
+rounding of bfloat16; the same with the processor's and memory's kernels side by side as alone;
+the shipped configs' steps lower through Triton; unsupported configs are named."""
 
 import importlib
 
@@ -54,6 +54,18 @@ def test_fused_step_equals_stream_step_float32(overrides):
                     frames)
   assert max_rel_err(out, ref) <= 1e-5
   assert max_rel_err(state, ref_state) <= 1e-5
+
+
+def test_side_by_side_equals_each_kernel_alone():
+  """The processor's and the memory's kernels in shared launches give exactly the logits and
+  states of each kernel launched alone (bfloat16; in interpret mode warps do not change sums)."""
+  config = _config(dtype="bfloat16")
+  params = prepare_fused_params(random_params(config, MODALITIES), config)
+  frames = _frames(np.random.default_rng())
+  side = _run(make_fused_stream_step(config), params, config, frames)
+  alone = _run(make_fused_stream_step(config, side_by_side=False), params, config, frames)
+  for x, y in zip(jax.tree.leaves(side), jax.tree.leaves(alone), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_fused_step_bfloat16_is_as_close_to_float32_as_the_xla_step():
