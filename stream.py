@@ -34,7 +34,7 @@ _KERNELS = flags.DEFINE_enum(
     "kernels", "xla", replay.KERNELS,
     "xla: streaming.stream_step (any config); fused: the step in fused Pallas kernels "
     "(clam_jax/fused_streaming.py: the Mamba processor and a power-of-two number of memory "
-    "tokens, as every config in configs/; 1.55x faster per frame than xla on an H100, EK100; off "
+    "tokens, as every config in configs/; 1.71x faster per frame than xla on an H100, EK100; off "
     "GPU it runs in Pallas interpret mode, slowly).")
 
 

@@ -1,4 +1,4 @@
-"""The streaming step in fused Pallas kernels: the same step as clam_jax.streaming, ~64 launches.
+"""The streaming step in fused Pallas kernels: the same step as clam_jax.streaming, ~52 launches.
 
     fused = prepare_fused_params(params, config.model)        # once
     state, out = fused_stream_step(fused, state, features_t)  # jax.jit it; state and out as
@@ -11,9 +11,12 @@ one kernel over its heads (pallas.small_attention), a Mamba block is two kernels
 out-projection (pallas.mamba_step) and the memory's state update is one kernel for every layer
 (pallas.memory_step). Residual streams are kept before their LayerNorm: the next kernel
 normalises its own input rows (post-norm predictor layers included), so no kernel waits for a
-separate normalisation. On an H100 (EK100, bf16, batch 1) a frame takes 0.226 ms in a lax.scan
-against XLA's 0.350 (benchmarks/RESULTS.md). For batch 1: at batch B every stream re-reads the
-weights (7x slower than streaming.stream_step at B = 64).
+separate normalisation. The processor and the memory do not depend on each other until the
+predictor, and XLA runs the kernels of a loop body one at a time: their kernels go in pairs into
+shared launches (pallas.kernel_call.run_side_by_side). On an H100 (EK100, bf16, batch 1) a frame
+takes 0.205 ms in a lax.scan (each kernel alone: 0.226) against XLA's 0.350
+(benchmarks/RESULTS.md). For batch 1: at batch B every stream re-reads the weights (7x slower
+than streaming.stream_step at B = 64).
 
 Supported: the Mamba processor, memory on or off with memory_normalize=False, any number of layers,
 a power-of-two number of memory tokens (every config in configs/); `check_fused_config` names
