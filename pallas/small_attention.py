@@ -53,7 +53,7 @@ def small_attention(q, k, v, *, num_heads, width, column_blocks=(0, 0, 0), mask=
   heads are the D = width columns at column_blocks[i] * D of each (merged projections are read in
   place, not sliced), head-major: H = num_heads heads of dh = D / H. mask: (B, K) bool (False:
   never attended) or None. Q, K and dh must be powers of two. Logits and softmax in float32 (a fully
-  masked row attends uniformly, as Flax's). Returns (B, Q, D) in v's dtype.
+  masked row attends uniformly, as Flax's). Returns (B, Q, D) in v's dtype. Runs
   `launch(small_attention_call(...))`.
   """
   return launch(small_attention_call(q, k, v, num_heads=num_heads, width=width,
