@@ -1,10 +1,12 @@
 """A pallas_call as a value: `launch` runs one; `launch_side_by_side` runs independent ones in one.
 
 At batch 1 a kernel of the streaming step is latency-bound: a product of 2-12 MB takes a fixed
-~1.5-2 us plus its bytes, and XLA runs the kernels of a loop body one after another, even where
-two branches of the step do not depend on each other. `launch_side_by_side` puts independent
-calls in one grid: program p runs the call whose block of the flat grid holds p, so the calls
-share the GPU and the launch costs about the longer of them, not their sum.
+~2 us plus its bytes, and XLA runs the kernels of a loop body one after another, even where two
+branches of the step do not depend on each other. `launch_side_by_side` puts independent calls in
+one grid: program p runs the call whose block of the flat grid holds p, so the calls share the
+GPU and one launch's fixed cost. On an H100 a shared launch took about as long as the longer of
+its kernels where the other was short, and about their sum where both streamed several MB of
+weights (benchmarks/RESULTS.md, session 14).
 
 Kernel bodies take their refs (inputs, then outputs, as pallas_call passes them) and a keyword
 `program_id`, a function of the grid axis standing in for `pl.program_id`, since a body run side
