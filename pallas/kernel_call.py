@@ -79,16 +79,20 @@ def _unravel(index, grid):
 
 
 def launch_side_by_side(calls):
-  """Runs independent KernelCalls in one pallas_call; returns [call.finish(outputs) per call].
+  """Runs independent KernelCalls in one pallas_call; returns [call.finish(outputs) per call]."""
+  calls = list(calls)
+  return [launch(calls[0])] if len(calls) == 1 else launch(joined(calls))
+
+
+def joined(calls):
+  """One KernelCall that runs independent calls side by side; its result is [call.finish(outputs)
+  per call].
 
   The grid is flat: call i owns programs [offset_i, offset_i + prod(grid_i)), each running call
   i's body on its own grid coordinates. Block index maps see their call's coordinates (clamped
   into its range in the other calls' programs, where no body touches them). The launch takes the
   largest num_warps and num_stages of the calls. No call may read another's outputs.
   """
-  calls = list(calls)
-  if len(calls) == 1:
-    return [launch(calls[0])]
   if len({call.interpret for call in calls}) != 1:
     raise ValueError(f"calls side by side must agree on interpret mode, got "
                      f"{[call.interpret for call in calls]}")
@@ -123,28 +127,21 @@ def launch_side_by_side(calls):
       calls[i].kernel(*refs[inputs], *refs[outputs],
                       program_id=lambda axis: coordinates(program, i)[axis])
 
-  def body(*refs):
-    program = pl.program_id(0)
+  def body(*refs, program_id):
     for i in range(len(calls)):
-      run_call(i, refs, program)
+      run_call(i, refs, program_id(0))
 
-  outputs = pl.pallas_call(
-      body,
-      grid=(sum(sizes),),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=plgpu.CompilerParams(num_warps=max(call.num_warps for call in calls),
-                                           num_stages=max(call.num_stages for call in calls)),
-      interpret=calls[0].interpret,
-      name="_with_".join(call.name for call in calls),
-  )(*operands)
-  results, start = [], 0
-  for call in calls:
-    results.append(call.finish(list(outputs[start:start + len(call.out_specs)])))
-    start += len(call.out_specs)
-  return results
+  def finish(outputs):
+    return [call.finish(outputs[sliced.start - num_inputs:sliced.stop - num_inputs])
+            for call, (_, sliced) in zip(calls, ref_slices)]
+
+  return KernelCall(
+      kernel=body, grid=(sum(sizes),), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, operands=tuple(operands), finish=finish,
+      num_warps=max(call.num_warps for call in calls),
+      num_stages=max(call.num_stages for call in calls),
+      name="_with_".join(call.name for call in calls), interpret=calls[0].interpret,
+      input_output_aliases=aliases)
 
 
 def run_side_by_side(*branches):
